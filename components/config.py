@@ -1,0 +1,378 @@
+"""One pydantic model tree for the whole pipeline, loaded from YAML plus `--set` overrides.
+
+Every pipeline script validates the complete config here before touching a
+cluster, so a typo in a key or an impossible value fails in a second with a
+message that names the key, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Dropout = Annotated[float, Field(ge=0, lt=1)]
+
+# Architecture presets whose sizes are known without reading a checkpoint.
+VISION_LAYERS_BY_ARCH = {"llava-1.5-7b": 24}
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix: the message names the key and the allowed values."""
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are refused instead of silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("duet", min_length=1, description="Stable run name; re-running a name resumes it.")
+    seed: int = 0
+    work_dir: str = Field(".duet", description="Local folder for the embedded defaults (Ray storage, MLflow).")
+
+
+class StorageConfig(Section):
+    """Object storage settings; credentials are never here, they come from the environment or IAM."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint override, e.g. http://127.0.0.1:9000 (MinIO).")
+    region: str | None = None
+    retries: Annotated[int, Field(ge=0, le=20)] = 5
+    connect_timeout_s: PositiveFloat = 10.0
+    request_timeout_s: PositiveFloat = 60.0
+
+
+class DataConfig(Section):
+    name: str = Field("synthetic", min_length=1, description="Dataset name; shards go to {root}/{name}/.")
+    root: str = Field(".duet/datasets", description="URI under which datasets are written and read.")
+    source: Literal["synthetic", "llava", "unifood"] = "synthetic"
+    input: str | None = Field(None, description="LLaVA/UniFood JSON file (its images next to it or in image_root).")
+    image_root: str | None = None
+    num_records: PositiveInt = 2000
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    seed: int = 0
+    records_per_shard: PositiveInt = 1000
+    image_size: PositiveInt = Field(64, description="Side of the synthetic images in pixels.")
+    conversation_template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    transform_concurrency: PositiveInt = 1
+
+
+class TinyModelConfig(Section):
+    """Sizes of the tiny LLaVA used by tests and the demo (built from config, no download)."""
+
+    vision_hidden: PositiveInt = 64
+    vision_layers: PositiveInt = 24
+    vision_heads: PositiveInt = 4
+    image_size: PositiveInt = 64
+    patch_size: PositiveInt = 8
+    text_hidden: PositiveInt = 128
+    text_layers: PositiveInt = 2
+    text_heads: PositiveInt = 4
+    text_intermediate: PositiveInt = 256
+    vocab_size: PositiveInt = 512
+    warmup_steps: Annotated[int, Field(ge=0)] = 200
+
+
+class ModelConfig(Section):
+    arch: Literal["tiny", "llava-1.5-7b", "checkpoint"] = Field(
+        "tiny", description="Architecture: the tiny test model, the LLaVA-1.5-7B preset, or read from checkpoint."
+    )
+    checkpoint: str | None = Field(None, description="Local path or URI of a LlavaForConditionalGeneration checkpoint.")
+    tiny: TinyModelConfig = TinyModelConfig()
+    max_length: PositiveInt = 2048
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _checkpoint_needed(self) -> ModelConfig:
+        if self.arch == "checkpoint" and not self.checkpoint:
+            raise ValueError("model.arch 'checkpoint' needs model.checkpoint (a local path or s3:// URI)")
+        return self
+
+    def vision_layers(self) -> int | None:
+        """Number of vision-tower layers when known without I/O beyond a local config.json."""
+        if self.arch == "tiny":
+            return self.tiny.vision_layers
+        if self.arch in VISION_LAYERS_BY_ARCH:
+            return VISION_LAYERS_BY_ARCH[self.arch]
+        cfg = Path(self.checkpoint or "") / "config.json"
+        if cfg.is_file():
+            return json.loads(cfg.read_text()).get("vision_config", {}).get("num_hidden_layers")
+        return None
+
+
+class VCEConfig(Section):
+    """Visual Cue Enhancement (paper section 3.3): deformable cross-attention over vision layers."""
+
+    enabled: bool = True
+    anchor_layer: int = -2
+    reference_layers: list[int] = Field(default_factory=lambda: [-8, -14, -20], min_length=1)
+    include_anchor_level: bool = False
+    heads: PositiveInt = 16
+    points: PositiveInt = 4
+    final_norm: bool = True
+
+
+AdapterType = Literal["none", "lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
+
+
+class AdapterConfig(Section):
+    type: AdapterType = "dual_lora"
+    r: PositiveInt = 128
+    alpha: PositiveFloat = 256.0
+    dropout: Dropout = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    skill_norm: bool = True
+    task_activation: Literal["relu", "none"] = "relu"
+    num_experts: PositiveInt = 4
+    expert_rank: PositiveInt = 16
+    top_k: PositiveInt = 2
+    rode_ranks: list[PositiveInt] = Field(default_factory=lambda: [32, 16, 8, 8], min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, value: list[str]) -> list[str]:
+        if not value or any(not t.strip() for t in value):
+            raise ValueError("must name at least one module (e.g. [q_proj, v_proj]) and no empty names")
+        return value
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> AdapterConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"adapter.top_k ({self.top_k}) must be <= adapter.num_experts ({self.num_experts})")
+        return self
+
+
+class StageConfig(Section):
+    """One training stage; the global batch holds for any worker count (accumulation is derived)."""
+
+    name: str = Field(min_length=1)
+    lr: PositiveFloat = Field(description="Learning rate of the projector and VCE.")
+    adapter_lr: PositiveFloat | None = Field(None, description="Learning rate of the LLM adapter (stage 2).")
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    global_batch: PositiveInt = 128
+    micro_batch: PositiveInt = 4
+    epochs: PositiveFloat = 1.0
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs when set.")
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    checkpoint_every: PositiveInt = 50
+    log_every: PositiveInt = 1
+
+
+def _stage1_default() -> StageConfig:
+    return StageConfig(name="stage1", lr=1e-3, global_batch=256)
+
+
+def _stage2_default() -> StageConfig:
+    return StageConfig(name="stage2", lr=2e-5, adapter_lr=2e-4, global_batch=128)
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
+    offload_optimizer: bool = False
+
+
+class ScalingConfig(Section):
+    num_workers: PositiveInt = 2
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    max_failures: Annotated[int, Field(ge=-1)] = 2
+    storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://); default work_dir.")
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="MLflow server; default MLFLOW_TRACKING_URI or local SQLite.")
+    experiment: str = "duet"
+
+
+class SearchSpace(Section):
+    r: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
+    alpha_over_r: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+    adapter_lr: tuple[PositiveFloat, PositiveFloat] = (5e-5, 1e-3)
+    lr: tuple[PositiveFloat, PositiveFloat] = (5e-6, 1e-4)
+
+
+class TuneConfig(Section):
+    enabled: bool = False
+    num_samples: PositiveInt = 8
+    search: Literal["random", "optuna"] = "random"
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent: PositiveInt | None = None
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    space: SearchSpace = SearchSpace()
+
+
+class EvalConfig(Section):
+    max_new_tokens: PositiveInt = 64
+    batch_size: PositiveInt = 8
+    num_replicas: PositiveInt = 1
+    max_samples: PositiveInt | None = None
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("duet-llava", min_length=1)
+    alias: str = Field("champion", min_length=1)
+    metric: str = "score"
+    direction: Literal["max", "min"] = "max"
+    min_margin: Annotated[float, Field(ge=0)] = 0.0
+
+
+class PipelineConfig(Section):
+    """The whole pipeline. Cross-section checks live here."""
+
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    vce: VCEConfig = VCEConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    stage1: StageConfig = Field(default_factory=_stage1_default)
+    stage2: StageConfig = Field(default_factory=_stage2_default)
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _layers_inside_vision_tower(self) -> PipelineConfig:
+        layers = self.model.vision_layers()
+        if layers is None or not self.vce.enabled:
+            return self
+        # hidden_states has layers + 1 entries (embeddings first); index 0 is the embeddings.
+        allowed = f"-{layers} .. -1 or 1 .. {layers}"
+        for key, index in [("vce.anchor_layer", self.vce.anchor_layer)] + [
+            (f"vce.reference_layers[{i}]", v) for i, v in enumerate(self.vce.reference_layers)
+        ]:
+            if index == 0 or not -layers <= index <= layers:
+                raise ValueError(f"{key} = {index} is outside the vision tower ({layers} layers): allowed {allowed}")
+        return self
+
+    def hash(self) -> str:
+        """Stable digest of the resolved config, used to recognise already-done work."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the README's config reference)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars or flow collections: 3, 1e-4, true, [q_proj, v_proj], null."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set value {text!r} is not valid YAML: {exc}") from None
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` to a raw config dict, creating sections as needed."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. --set adapter.r=64")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load YAML (or defaults when path is None), apply overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} not found (pass --config pipelines/configs/demo.yaml)")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def config_from_dict(tree: dict[str, Any]) -> PipelineConfig:
+    """Validate an already-resolved config (e.g. the one logged with a run or shipped to a worker)."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML: enough on its own to reproduce a run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- CLI helper
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `--config FILE` and repeated `--set key=value` every pipeline script accepts."""
+    parser.add_argument("--config", help="YAML config file (see pipelines/configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set adapter.r=64 (repeatable)",
+    )
+    return parser
+
+
+def parse_cli(
+    description: str, argv: Sequence[str] | None = None, extra: Any = None
+) -> tuple[PipelineConfig, argparse.Namespace]:
+    """Parse a pipeline script's arguments and validate the config; exit 2 with the message on error.
+
+    `extra` is an optional callable that adds the script's own arguments to the parser.
+    """
+    parser = add_config_arguments(argparse.ArgumentParser(description=description))
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    return cfg, args

@@ -1,0 +1,106 @@
+"""Config loading: every impossible value is refused before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ConfigError, PipelineConfig, dump_config, load_config, parse_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "llava-1.5-7b.yaml", "unifood.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / name)
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+
+
+def test_paper_settings_in_7b_config() -> None:
+    cfg = load_config(CONFIGS / "llava-1.5-7b.yaml")
+    assert (cfg.adapter.type, cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.dropout) == ("dual_lora", 128, 256, 0.05)
+    assert (cfg.stage1.lr, cfg.stage1.global_batch, cfg.stage1.weight_decay) == (1e-3, 256, 0.0)
+    assert (cfg.stage2.adapter_lr, cfg.stage2.lr, cfg.stage2.global_batch) == (2e-4, 2e-5, 128)
+    assert [cfg.vce.anchor_layer, *cfg.vce.reference_layers] == [-2, -8, -14, -20]
+    assert load_config(CONFIGS / "unifood.yaml").adapter.r == 64
+
+
+def test_overrides_apply_with_yaml_types() -> None:
+    cfg = load_config(
+        CONFIGS / "demo.yaml",
+        ["adapter.r=8", "stage2.adapter_lr=3e-4", "vce.enabled=false", "adapter.target_modules=[q_proj]"],
+    )
+    assert cfg.adapter.r == 8 and cfg.stage2.adapter_lr == 3e-4
+    assert cfg.vce.enabled is False and cfg.adapter.target_modules == ["q_proj"]
+
+
+def test_defaults_are_valid_and_roundtrip_through_yaml(tmp_path: Path) -> None:
+    cfg = PipelineConfig()
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    assert load_config(path).hash() == cfg.hash()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("adapter.r=0", "adapter.r"),
+        ("adapter.r=-4", "adapter.r"),
+        ("adapter.alpha=0", "adapter.alpha"),
+        ("stage1.lr=0", "stage1.lr"),
+        ("stage2.adapter_lr=-1e-4", "stage2.adapter_lr"),
+        ("adapter.dropout=1.0", "adapter.dropout"),
+        ("adapter.dropout=-0.1", "adapter.dropout"),
+        ("vce.anchor_layer=-30", "vce.anchor_layer = -30 is outside the vision tower (24 layers)"),
+        ("vce.reference_layers=[-8, 25]", "vce.reference_layers[1] = 25"),
+        ("adapter.target_modules=[]", "adapter.target_modules"),
+        ("adapter.top_k=5", "adapter.top_k (5) must be <= adapter.num_experts (4)"),
+        ("adapter.type=lorax", "adapter.type"),
+        ("adapter.rank=8", "adapter.rank: unknown key"),
+        ("adapter.r=eight", "adapter.r"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "llava-1.5-7b.yaml", [override])
+    assert fragment in str(err.value)
+
+
+def test_allowed_values_are_listed_for_choices() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["adapter.type=lorax"])
+    assert "dual_lora" in str(err.value) and "moe_lora_topk" in str(err.value)
+
+
+def test_layer_bounds_follow_the_tiny_tower() -> None:
+    with pytest.raises(ConfigError, match="6 layers"):
+        load_config(None, ["model.tiny.vision_layers=6"])
+    cfg = load_config(None, ["model.tiny.vision_layers=6", "vce.reference_layers=[-3, -5]"])
+    assert cfg.vce.reference_layers == [-3, -5]
+
+
+def test_unknown_section_and_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"adaptor": {"r": 4}}))
+    with pytest.raises(ConfigError, match="adaptor: unknown key"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["adapter.r"])
+
+
+def test_parse_cli_exits_with_message(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_cli("test", ["--set", "adapter.r=0"])
+    assert exit_info.value.code == 2
+    assert "adapter.r" in capsys.readouterr().err
+    cfg, _ = parse_cli("test", ["--config", str(CONFIGS / "demo.yaml"), "--set", "adapter.r=4"])
+    assert cfg.adapter.r == 4

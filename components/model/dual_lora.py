@@ -1,0 +1,340 @@
+"""Dual-LoRA (paper section 3.4, eq. 11) as a PEFT method, plus the plumbing its baselines share.
+
+    z = W x + scale * B( LN(S dropout(x)) * relu(T x) ),   scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+The layer plugs into PEFT through `LoraConfig._register_custom_module`, so `get_peft_model`,
+`save_pretrained` (only `lora_`-prefixed tensors, safetensors) and
+`PeftModel.from_pretrained(base, path, config=DualLoraConfig.from_pretrained(path))` work unchanged.
+
+The shared pieces (`CustomLoraConfig`, `InputDependentLoraLayer`) live here because the
+baselines in `moe_lora.py` are built the same way: a `LoraConfig` subclass that registers its own
+layer, and a layer whose update depends on the input and therefore cannot be merged into W.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer
+from torch import nn
+
+CONFIG_FILE = "adapter_config.json"
+TASK_ACTIVATIONS = ("relu", "none")
+
+
+class NotMergeableError(RuntimeError):
+    """Raised by merge/unmerge: the adapter's update depends on the input, so W cannot absorb it."""
+
+
+# ---------------------------------------------------------------- config base
+
+
+@dataclass
+class CustomLoraConfig(LoraConfig):
+    """A `LoraConfig` for a LoRA-family method with its own layer class.
+
+    `adapter_method` is written to adapter_config.json so a saved adapter says which class
+    rebuilds it (PEFT itself only records `peft_type: LORA`).
+    """
+
+    METHOD: ClassVar[str] = ""
+    adapter_method: str = field(default="", metadata={"help": "Which custom LoRA method this config builds."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.adapter_method:
+            self.adapter_method = self.METHOD
+        if self.adapter_method != self.METHOD:
+            raise ValueError(
+                f"adapter_method is {self.adapter_method!r} but {type(self).__name__} builds {self.METHOD!r}; "
+                "load saved adapters with components.model.adapters.load_adapter, which picks the class"
+            )
+        self._refuse_unsupported_options()
+        self._register_custom_module({nn.Linear: self.layer_class()})
+
+    def layer_class(self) -> type[nn.Module]:
+        """The PEFT layer that replaces each targeted nn.Linear."""
+        raise NotImplementedError
+
+    def _refuse_unsupported_options(self) -> None:
+        """LoRA variants and merge-related options assume the plain B A update; refuse them by name."""
+        name = type(self).__name__
+        variants = [
+            f.name for f in dataclasses.fields(LoraConfig)
+            if f.metadata.get("is_lora_variant") and getattr(self, f.name)
+        ]
+        if variants:
+            raise ValueError(f"{name} does not support the LoRA variant option(s) {variants}; leave them unset")
+        for option in ("lora_bias", "fan_in_fan_out", "target_parameters", "use_qalora"):
+            if getattr(self, option, None):
+                raise ValueError(f"{name} does not support {option}; leave it unset (targets are nn.Linear modules)")
+        if self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"{name}.init_lora_weights must be True (B = 0, step 0 equals the base model) or False "
+                f"(random B, for tests), got {self.init_lora_weights!r}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Rebuild this config class from a local adapter directory written by `save_pretrained`.
+
+        PEFT's own loader maps `peft_type: LORA` to plain `LoraConfig` and drops the extra
+        fields, which would silently turn the adapter into a plain LoRA.
+        """
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        file = folder / CONFIG_FILE
+        if not file.is_file():
+            raise ValueError(
+                f"no {CONFIG_FILE} in {str(folder)!r}: pass the local directory that save_pretrained wrote"
+            )
+        saved = json.loads(file.read_text())
+        saved.pop("runtime_config", None)
+        method = saved.get("adapter_method")
+        if method != cls.METHOD:
+            raise ValueError(
+                f"{file} holds a {method or 'plain LoRA'!r} adapter, not {cls.METHOD!r}; "
+                "use components.model.adapters.load_adapter, which picks the right class"
+            )
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            warnings.warn(f"{file}: ignoring keys {unknown} unknown to {cls.__name__}", stacklevel=2)
+        return cls(**{k: v for k, v in saved.items() if k in known}, **kwargs)
+
+
+# ---------------------------------------------------------------- layer base
+
+
+class InputDependentLoraLayer(nn.Module, LoraLayer):
+    """A PEFT LoRA layer around an nn.Linear whose added term depends on the input.
+
+    Subclasses create their tensors in `_create_adapter` and compute the added term in
+    `_adapter_delta`; this class handles both PEFT constructor call styles, multiple adapters,
+    disabling, mixed-adapter batches, dtype casting like PEFT's LoRA, and refusing merges.
+    """
+
+    config_class: ClassVar[type[CustomLoraConfig]]
+    label: ClassVar[str] = "this adapter"
+    other_param_names = LoraLayer.other_param_names
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: CustomLoraConfig | None = None,
+        r: int = 0,
+        lora_alpha: float = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs.get("loaded_in_8bit") or kwargs.get("loaded_in_4bit"):
+            raise ValueError(f"{self.label} does not support quantized (8/4-bit) base layers; load the base in 16/32 bit")
+        LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=kwargs.pop("ephemeral_gpu_offload", False))
+        if not isinstance(self.get_base_layer(), nn.Linear) or self.in_features is None:
+            raise TypeError(f"{self.label} adapts nn.Linear modules only, got {type(self.get_base_layer()).__name__}")
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self._init_containers()
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    # -- adapter creation ------------------------------------------------------------
+
+    def _resolve_config(self, config: CustomLoraConfig | None, r: int, lora_alpha: float, kwargs: dict):
+        """Accept PEFT's `config=` style and the older flattened-kwargs style alike."""
+        if config is None:
+            names = {f.name for f in dataclasses.fields(self.config_class) if f.init} - {"r", "lora_alpha"}
+            config = self.config_class(r=r, lora_alpha=lora_alpha, **{k: v for k, v in kwargs.items() if k in names})
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"a {self.label} layer can only hold {self.label} adapters, got a {type(config).__name__}; "
+                "use one adapter type per model or target different modules"
+            )
+        return config
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, config: CustomLoraConfig | None = None, **kwargs: Any
+    ) -> None:
+        """Add (or replace) adapter `adapter_name`; PEFT calls this for every further adapter too."""
+        config = self._resolve_config(config, r, lora_alpha, kwargs)
+        r = self._rank(config, r)
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
+        self._create_adapter(adapter_name, r, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _rank(self, config: CustomLoraConfig, r: int) -> int:
+        """The rank used for the scaling; PEFT passes `r` (possibly from rank_pattern)."""
+        return r
+
+    def _init_containers(self) -> None:
+        """Create the per-adapter containers beyond LoraLayer's own (r, scaling, lora_B, ...)."""
+        raise NotImplementedError
+
+    def _create_adapter(self, adapter_name: str, r: int, config: CustomLoraConfig) -> None:
+        raise NotImplementedError
+
+    def _adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The scaled added term for input `x` (already in the adapter's dtype)."""
+        raise NotImplementedError
+
+    def _adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        return self.lora_B[adapter_name].weight.dtype
+
+    def _holds(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_B
+
+    def _fusable(self, adapter_name: str, *weights: torch.Tensor) -> bool:
+        """Whether the one-GEMM path applies: no active dropout and weights not partitioned.
+
+        ZeRO-3 only gathers a submodule's weights inside that submodule's forward; the fused path
+        reads them directly, so partitioned weights (`ds_id`) take the plain path.
+        """
+        dropout = self.lora_dropout[adapter_name]
+        dropout_active = isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training
+        return not dropout_active and not any(hasattr(w, "ds_id") for w in weights)
+
+    # -- forward -------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        for key in VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        if self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if not self._holds(name):
+                continue
+            result = result + self._adapter_delta(name, self._cast_input_dtype(x, self._adapter_dtype(name)))
+        return result.to(result_dtype)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Per-sample adapters (`adapter_names=[...]` at inference), `__base__` meaning none."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in set(adapter_names):
+            if name == "__base__" or not self._holds(name):
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            sub = self._cast_input_dtype(x[rows], self._adapter_dtype(name))
+            result[rows] += self._adapter_delta(name, sub).to(result.dtype)
+        return result
+
+    # -- merging is impossible --------------------------------------------------------------
+
+    def _not_mergeable(self) -> NotMergeableError:
+        return NotMergeableError(
+            f"{self.label} cannot be merged into the base weight: its update depends on the input "
+            "(an input-dependent gate), so no fixed matrix equals it. Keep the adapter attached for "
+            "inference (use the PeftModel as is); unload() removes it without merging."
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise self._not_mergeable()
+
+    def unmerge(self) -> None:
+        raise self._not_mergeable()
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise self._not_mergeable()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+
+# ---------------------------------------------------------------- Dual-LoRA
+
+
+@dataclass
+class DualLoraConfig(CustomLoraConfig):
+    """Dual-LoRA: skill space S (layer-normed) gated element-wise by the rectified task space T.
+
+    `skill_norm` and `task_activation` switch the paper's Table-4 ablations.
+    """
+
+    METHOD: ClassVar[str] = "dual_lora"
+    adapter_method: str = field(default="dual_lora", metadata={"help": "Which custom LoRA method this config builds."})
+    skill_norm: bool = field(default=True, metadata={"help": "LayerNorm (affine) over the r skill dims."})
+    task_activation: str = field(default="relu", metadata={"help": "Task-space activation: 'relu' or 'none'."})
+
+    def __post_init__(self) -> None:
+        if self.task_activation not in TASK_ACTIVATIONS:
+            raise ValueError(
+                f"DualLoraConfig.task_activation must be one of {list(TASK_ACTIVATIONS)}, got {self.task_activation!r}"
+            )
+        if not isinstance(self.skill_norm, bool):
+            raise ValueError(f"DualLoraConfig.skill_norm must be true or false, got {self.skill_norm!r}")
+        super().__post_init__()
+
+    def layer_class(self) -> type[nn.Module]:
+        return DualLoraLinear
+
+
+class DualLoraLinear(InputDependentLoraLayer):
+    """nn.Linear + Dual-LoRA. Per adapter: lora_S, lora_T (r x d_in), lora_B (d_out x r), lora_norm."""
+
+    config_class = DualLoraConfig
+    label = "Dual-LoRA"
+    adapter_layer_names = ("lora_S", "lora_T", "lora_B", "lora_norm")
+    other_param_names = InputDependentLoraLayer.other_param_names + ("skill_norm", "task_activation")
+
+    def _init_containers(self) -> None:
+        self.lora_S = nn.ModuleDict()
+        self.lora_T = nn.ModuleDict()
+        self.lora_norm = nn.ModuleDict()
+        self.skill_norm: dict[str, bool] = {}
+        self.task_activation: dict[str, str] = {}
+
+    def _create_adapter(self, adapter_name: str, r: int, config: DualLoraConfig) -> None:
+        self.lora_S[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_T[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        if config.skill_norm:
+            self.lora_norm[adapter_name] = nn.LayerNorm(r, elementwise_affine=True)
+        elif adapter_name in self.lora_norm:
+            del self.lora_norm[adapter_name]
+        self.skill_norm[adapter_name] = config.skill_norm
+        self.task_activation[adapter_name] = config.task_activation
+        for space in (self.lora_S, self.lora_T):
+            nn.init.kaiming_uniform_(space[adapter_name].weight, a=math.sqrt(5))
+        if config.init_lora_weights:
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def _skill_and_task(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S dropout(x) and T x; one GEMM on the stacked (2r x d_in) weight when dropout is inactive."""
+        s_layer, t_layer = self.lora_S[adapter_name], self.lora_T[adapter_name]
+        if self._fusable(adapter_name, s_layer.weight, t_layer.weight):
+            both = F.linear(x, torch.cat([s_layer.weight, t_layer.weight], dim=0))
+            return both.split(self.r[adapter_name], dim=-1)
+        return s_layer(self.lora_dropout[adapter_name](x)), t_layer(x)
+
+    def _adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        skill, task = self._skill_and_task(adapter_name, x)
+        if self.skill_norm[adapter_name]:
+            skill = self.lora_norm[adapter_name](skill)
+        if self.task_activation[adapter_name] == "relu":
+            task = F.relu(task)
+        return self.lora_B[adapter_name](skill * task) * self.scaling[adapter_name]

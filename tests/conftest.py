@@ -1,0 +1,85 @@
+"""Shared fixtures: a real S3 endpoint (moto's threaded server on 127.0.0.1) and the tiny processor.
+
+`s3_endpoint` starts one server per test session and puts fake AWS credentials
+into the environment for its lifetime (restored afterwards). Request it
+*before* starting Ray in a module fixture, so Ray's worker processes inherit the
+credentials; `s3_bucket` gives each test its own fresh bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from components import storage
+from components.config import StorageConfig, TinyModelConfig
+
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-access-key",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_SESSION_TOKEN": "testing-session-token",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """A running S3-compatible endpoint and the storage config that reaches it."""
+
+    url: str
+
+    def storage_config(self, **overrides: object) -> StorageConfig:
+        return StorageConfig(endpoint_url=self.url, region="us-east-1", retries=2, **overrides)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    saved = {name: os.environ.get(name) for name in FAKE_AWS_ENV}
+    os.environ.update(FAKE_AWS_ENV)
+    port = free_port()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield S3Endpoint(url=f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: S3Endpoint) -> str:
+    """A fresh, empty bucket on the test endpoint, as an s3:// URI."""
+    uri = f"s3://test-{uuid.uuid4().hex[:12]}"
+    storage.ensure_bucket(uri, s3_endpoint.storage_config())
+    return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model's processor directory (tokenizer with <image>/<pad>/</s>, CLIP image processor config)."""
+    from components.model.tiny import build_tiny_processor
+
+    path: Path = tmp_path_factory.mktemp("tiny-processor")
+    return build_tiny_processor(TinyModelConfig(), path)

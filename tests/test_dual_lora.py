@@ -34,8 +34,12 @@ class TwoProj(nn.Module):
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -183,7 +187,12 @@ def test_save_and_load_round_trip(tmp_path):
 
     config = DualLoraConfig.from_pretrained(tmp_path)
     assert isinstance(config, DualLoraConfig)
-    assert (config.skill_norm, config.task_activation, config.use_rslora, config.r) == (False, "none", True, 4)
+    assert (config.skill_norm, config.task_activation, config.use_rslora, config.r) == (
+        False,
+        "none",
+        True,
+        4,
+    )
     restored = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config).eval()
     torch.testing.assert_close(restored(input_ids=ids).logits, expected, rtol=0, atol=0)
 
@@ -225,7 +234,10 @@ def test_both_constructor_call_styles():
     for layer in (flat, styled):
         assert layer.r["default"] == 4 and layer.scaling["default"] == 2.0
         assert not layer.skill_norm["default"] and len(layer.lora_norm) == 0
-        assert layer.lora_S["default"].weight.shape == (4, D) and layer.lora_B["default"].weight.shape == (D, 4)
+        assert layer.lora_S["default"].weight.shape == (4, D) and layer.lora_B["default"].weight.shape == (
+            D,
+            4,
+        )
     with pytest.raises(TypeError, match="Dual-LoRA adapters"):
         DualLoraLinear(nn.Linear(D, D), "default", config=LoraConfig(r=4), r=4, lora_alpha=8)
 
@@ -248,7 +260,9 @@ def test_multiple_adapters_and_disabling():
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), base)
     mixed = layer(x, adapter_names=["default", "__base__", "other"])
-    torch.testing.assert_close(mixed, base + torch.stack([delta["default"][0], 0 * base[1], delta["other"][2]]))
+    torch.testing.assert_close(
+        mixed, base + torch.stack([delta["default"][0], 0 * base[1], delta["other"][2]])
+    )
     with pytest.raises(TypeError, match="Dual-LoRA adapters"):
         model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"]))
 

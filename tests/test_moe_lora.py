@@ -1,4 +1,4 @@
-"""Mixture-of-LoRA-experts baselines: stacked-GEMM forward equals a per-expert loop, routing, init, save/load."""
+"""Mixture-of-LoRA-experts baselines: stacked GEMMs equal a per-expert loop; routing, init, save/load."""
 
 from __future__ import annotations
 
@@ -113,7 +113,9 @@ def test_dense_and_rectified_gates():
     softmax = adapted("softmax")[1].gates("default", x)
     assert (softmax > 0).all() and torch.allclose(softmax.sum(-1), torch.ones(4, 9))
     rode = adapted("rode")[1].gates("default", x)
-    assert (rode >= 0).all() and (rode == 0).any() and (rode > 0).any()  # rectified: some experts switched off
+    assert (
+        (rode >= 0).all() and (rode == 0).any() and (rode > 0).any()
+    )  # rectified: some experts switched off
 
 
 def test_expand_gates_repeats_each_gate_over_its_rank():
@@ -155,7 +157,9 @@ def test_save_and_load_round_trip(kind, tmp_path):
     torch.manual_seed(1)
     restored = load_adapter(OneProj(), tmp_path)
     assert type(restored.peft_config["default"]) is type(model.peft_config["default"])
-    restored.base_model.model.proj.base_layer.load_state_dict(model.base_model.model.proj.base_layer.state_dict())
+    restored.base_model.model.proj.base_layer.load_state_dict(
+        model.base_model.model.proj.base_layer.state_dict()
+    )
     torch.testing.assert_close(restored.eval()(x), expected, rtol=0, atol=0)
 
 
@@ -167,8 +171,11 @@ def test_merge_is_refused(kind):
 
 
 def test_flattened_constructor_style_builds_the_class_defaults():
-    for layer_cls, ranks in [(MoeLoraTopkLinear, (16,) * 4), (MoeLoraSoftmaxLinear, (16,) * 4),
-                             (RodeLoraLinear, (32, 16, 8, 8))]:
+    for layer_cls, ranks in [
+        (MoeLoraTopkLinear, (16,) * 4),
+        (MoeLoraSoftmaxLinear, (16,) * 4),
+        (RodeLoraLinear, (32, 16, 8, 8)),
+    ]:
         layer = layer_cls(nn.Linear(D_IN, D_OUT), "default", r=8, lora_alpha=64, lora_dropout=0.0)
         assert layer.expert_ranks["default"] == ranks and layer.r["default"] == sum(ranks)
         assert layer.lora_A["default"].weight.shape == (sum(ranks), D_IN)
@@ -196,13 +203,22 @@ def test_meta_device_model_can_be_adapted():
 
 def test_trains_inside_a_causal_lm():
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=64,
-    ))
-    model = get_peft_model(lm, MoeLoraTopkConfig(
-        expert_ranks=[4, 4, 4, 4], lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
-    ))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=64,
+        )
+    )
+    model = get_peft_model(
+        lm,
+        MoeLoraTopkConfig(
+            expert_ranks=[4, 4, 4, 4], lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        ),
+    )
     ids = torch.randint(0, 64, (2, 12))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from components.config import AdapterConfig
@@ -44,7 +45,9 @@ def target_regex(targets: list[str]) -> str:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ValueError(f"adapter.target_modules entry {pattern!r} is not a valid regex: {exc}") from None
+            raise ValueError(
+                f"adapter.target_modules entry {pattern!r} is not a valid regex: {exc}"
+            ) from None
     parts = [f"(?:{p})" for p in custom]
     if plain:
         excluded = "|".join(NON_LANGUAGE_MODULES)
@@ -80,14 +83,29 @@ def peft_config_for(cfg: AdapterConfig) -> LoraConfig:
 
 
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Wrap `model` with the configured adapter (only adapter tensors stay trainable); 'none' returns it as is.
+    """Wrap `model` with the configured adapter (only adapter tensors stay trainable); 'none': unchanged.
 
     PEFT freezes everything but the adapter: callers that also train other parts (projector, VCE)
     re-enable those after this call.
     """
     if cfg.type == "none":
         return model
-    return get_peft_model(model, peft_config_for(cfg))
+    config = peft_config_for(cfg)
+    return _checked(get_peft_model(model, config), config)
+
+
+def _checked(model: PeftModel, config: LoraConfig) -> PeftModel:
+    """Refuse targets a custom method cannot adapt: PEFT would silently put plain LoRA there."""
+    if not isinstance(config, CustomLoraConfig):
+        return model
+    layer_cls = config.layer_class()
+    stray = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, layer_cls)]
+    if stray:
+        raise ValueError(
+            f"adapter.target_modules matched modules that {config.adapter_method} cannot adapt (it adapts "
+            f"nn.Linear only): {stray[:5]}; narrow the names or regex to linear layers"
+        )
+    return model
 
 
 def config_class_for(saved: dict, source: str = CONFIG_FILE) -> type[LoraConfig]:
@@ -96,7 +114,8 @@ def config_class_for(saved: dict, source: str = CONFIG_FILE) -> type[LoraConfig]
     if method is None:
         if saved.get("peft_type") != "LORA":
             raise ValueError(
-                f"{source}: peft_type {saved.get('peft_type')!r} is not supported; expected a LoRA-family adapter "
+                f"{source}: peft_type {saved.get('peft_type')!r} is not supported; "
+                "expected a LoRA-family adapter "
                 f"({', '.join(['lora', *CUSTOM_CONFIGS])})"
             )
         return LoraConfig
@@ -114,9 +133,10 @@ def load_adapter(
         raise ValueError(f"no {CONFIG_FILE} in {str(path)!r}: pass the directory that save_pretrained wrote")
     config_cls = config_class_for(json.loads(file.read_text()), str(file))
     config = config_cls.from_pretrained(str(path))
-    return PeftModel.from_pretrained(
+    loaded = PeftModel.from_pretrained(
         model, str(path), adapter_name=adapter_name, is_trainable=is_trainable, config=config
     )
+    return _checked(loaded, config)
 
 
 def is_adapter_param(name: str) -> bool:

@@ -55,7 +55,8 @@ class CustomLoraConfig(LoraConfig):
             self.adapter_method = self.METHOD
         if self.adapter_method != self.METHOD:
             raise ValueError(
-                f"adapter_method is {self.adapter_method!r} but {type(self).__name__} builds {self.METHOD!r}; "
+                f"adapter_method is {self.adapter_method!r} but {type(self).__name__} "
+                f"builds {self.METHOD!r}; "
                 "load saved adapters with components.model.adapters.load_adapter, which picks the class"
             )
         self._refuse_unsupported_options()
@@ -69,14 +70,19 @@ class CustomLoraConfig(LoraConfig):
         """LoRA variants and merge-related options assume the plain B A update; refuse them by name."""
         name = type(self).__name__
         variants = [
-            f.name for f in dataclasses.fields(LoraConfig)
+            f.name
+            for f in dataclasses.fields(LoraConfig)
             if f.metadata.get("is_lora_variant") and getattr(self, f.name)
         ]
         if variants:
-            raise ValueError(f"{name} does not support the LoRA variant option(s) {variants}; leave them unset")
+            raise ValueError(
+                f"{name} does not support the LoRA variant option(s) {variants}; leave them unset"
+            )
         for option in ("lora_bias", "fan_in_fan_out", "target_parameters", "use_qalora"):
             if getattr(self, option, None):
-                raise ValueError(f"{name} does not support {option}; leave it unset (targets are nn.Linear modules)")
+                raise ValueError(
+                    f"{name} does not support {option}; leave it unset (targets are nn.Linear modules)"
+                )
         if self.init_lora_weights not in (True, False):
             raise ValueError(
                 f"{name}.init_lora_weights must be True (B = 0, step 0 equals the base model) or False "
@@ -137,10 +143,14 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
     ) -> None:
         super().__init__()
         if kwargs.get("loaded_in_8bit") or kwargs.get("loaded_in_4bit"):
-            raise ValueError(f"{self.label} does not support quantized (8/4-bit) base layers; load the base in 16/32 bit")
+            raise ValueError(
+                f"{self.label} does not support quantized (8/4-bit) base layers; load the base in 16/32 bit"
+            )
         LoraLayer.__init__(self, base_layer, ephemeral_gpu_offload=kwargs.pop("ephemeral_gpu_offload", False))
         if not isinstance(self.get_base_layer(), nn.Linear) or self.in_features is None:
-            raise TypeError(f"{self.label} adapts nn.Linear modules only, got {type(self.get_base_layer()).__name__}")
+            raise TypeError(
+                f"{self.label} adapts nn.Linear modules only, got {type(self.get_base_layer()).__name__}"
+            )
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self._init_containers()
@@ -152,7 +162,9 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
         """Accept PEFT's `config=` style and the older flattened-kwargs style alike."""
         if config is None:
             names = {f.name for f in dataclasses.fields(self.config_class) if f.init} - {"r", "lora_alpha"}
-            config = self.config_class(r=r, lora_alpha=lora_alpha, **{k: v for k, v in kwargs.items() if k in names})
+            config = self.config_class(
+                r=r, lora_alpha=lora_alpha, **{k: v for k, v in kwargs.items() if k in names}
+            )
         if not isinstance(config, self.config_class):
             raise TypeError(
                 f"a {self.label} layer can only hold {self.label} adapters, got a {type(config).__name__}; "
@@ -161,7 +173,12 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
         return config
 
     def update_layer(
-        self, adapter_name: str, r: int, lora_alpha: float, config: CustomLoraConfig | None = None, **kwargs: Any
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        config: CustomLoraConfig | None = None,
+        **kwargs: Any,
     ) -> None:
         """Add (or replace) adapter `adapter_name`; PEFT calls this for every further adapter too."""
         config = self._resolve_config(config, r, lora_alpha, kwargs)
@@ -276,14 +293,19 @@ class DualLoraConfig(CustomLoraConfig):
     """
 
     METHOD: ClassVar[str] = "dual_lora"
-    adapter_method: str = field(default="dual_lora", metadata={"help": "Which custom LoRA method this config builds."})
+    adapter_method: str = field(
+        default="dual_lora", metadata={"help": "Which custom LoRA method this config builds."}
+    )
     skill_norm: bool = field(default=True, metadata={"help": "LayerNorm (affine) over the r skill dims."})
-    task_activation: str = field(default="relu", metadata={"help": "Task-space activation: 'relu' or 'none'."})
+    task_activation: str = field(
+        default="relu", metadata={"help": "Task-space activation: 'relu' or 'none'."}
+    )
 
     def __post_init__(self) -> None:
         if self.task_activation not in TASK_ACTIVATIONS:
             raise ValueError(
-                f"DualLoraConfig.task_activation must be one of {list(TASK_ACTIVATIONS)}, got {self.task_activation!r}"
+                f"DualLoraConfig.task_activation must be one of {list(TASK_ACTIVATIONS)}, "
+                f"got {self.task_activation!r}"
             )
         if not isinstance(self.skill_norm, bool):
             raise ValueError(f"DualLoraConfig.skill_norm must be true or false, got {self.skill_norm!r}")

@@ -55,19 +55,27 @@ class MixtureLoraConfig(CustomLoraConfig):
     """
 
     ROUTING: ClassVar[str] = ""
-    expert_ranks: list[int] = field(default_factory=lambda: [16, 16, 16, 16], metadata={"help": "Rank per expert."})
+    expert_ranks: list[int] = field(
+        default_factory=lambda: [16, 16, 16, 16], metadata={"help": "Rank per expert."}
+    )
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         if self.ROUTING not in ROUTINGS:
-            raise TypeError(f"{name} is abstract; use MoeLoraTopkConfig, MoeLoraSoftmaxConfig or RodeLoraConfig")
+            raise TypeError(
+                f"{name} is abstract; use MoeLoraTopkConfig, MoeLoraSoftmaxConfig or RodeLoraConfig"
+            )
         ranks = list(self.expert_ranks or [])
         if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
-            raise ValueError(f"{name}.expert_ranks must be a non-empty list of positive ints, got {self.expert_ranks!r}")
+            raise ValueError(
+                f"{name}.expert_ranks must be a non-empty list of positive ints, got {self.expert_ranks!r}"
+            )
         self.expert_ranks = ranks
         self.r = sum(ranks)
         if self.rank_pattern or self.alpha_pattern:
-            raise ValueError(f"{name} does not support rank_pattern/alpha_pattern; set expert_ranks and lora_alpha")
+            raise ValueError(
+                f"{name} does not support rank_pattern/alpha_pattern; set expert_ranks and lora_alpha"
+            )
         super().__post_init__()
 
     @property
@@ -81,7 +89,9 @@ class MoeLoraTopkConfig(MixtureLoraConfig):
 
     METHOD: ClassVar[str] = "moe_lora_topk"
     ROUTING: ClassVar[str] = "topk"
-    adapter_method: str = field(default="moe_lora_topk", metadata={"help": "Which custom LoRA method this is."})
+    adapter_method: str = field(
+        default="moe_lora_topk", metadata={"help": "Which custom LoRA method this is."}
+    )
     top_k: int = field(default=2, metadata={"help": "Experts used per token."})
 
     def __post_init__(self) -> None:
@@ -102,7 +112,9 @@ class MoeLoraSoftmaxConfig(MixtureLoraConfig):
 
     METHOD: ClassVar[str] = "moe_lora_softmax"
     ROUTING: ClassVar[str] = "softmax"
-    adapter_method: str = field(default="moe_lora_softmax", metadata={"help": "Which custom LoRA method this is."})
+    adapter_method: str = field(
+        default="moe_lora_softmax", metadata={"help": "Which custom LoRA method this is."}
+    )
 
     def layer_class(self) -> type[nn.Module]:
         return MoeLoraSoftmaxLinear
@@ -115,7 +127,9 @@ class RodeLoraConfig(MixtureLoraConfig):
     METHOD: ClassVar[str] = "rode"
     ROUTING: ClassVar[str] = "relu"
     adapter_method: str = field(default="rode", metadata={"help": "Which custom LoRA method this is."})
-    expert_ranks: list[int] = field(default_factory=lambda: [32, 16, 8, 8], metadata={"help": "Rank per expert."})
+    expert_ranks: list[int] = field(
+        default_factory=lambda: [32, 16, 8, 8], metadata={"help": "Rank per expert."}
+    )
 
     def layer_class(self) -> type[nn.Module]:
         return RodeLoraLinear
@@ -140,7 +154,9 @@ def expand_gates(gates: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
     """Repeat each expert's gate over its rank slots: (..., E) -> (..., sum(ranks))."""
     if len(set(ranks)) == 1:
         return gates.unsqueeze(-1).expand(*gates.shape, ranks[0]).flatten(-2)
-    return torch.cat([gates[..., e : e + 1].expand(*gates.shape[:-1], r) for e, r in enumerate(ranks)], dim=-1)
+    return torch.cat(
+        [gates[..., e : e + 1].expand(*gates.shape[:-1], r) for e, r in enumerate(ranks)], dim=-1
+    )
 
 
 # ---------------------------------------------------------------- layers

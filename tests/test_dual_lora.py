@@ -113,6 +113,25 @@ def test_fused_path_equals_plain_path(monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
 
 
+def test_inference_reuses_the_stacked_weight_until_it_changes():
+    torch.manual_seed(6)
+    model = get_peft_model(TwoProj(), dual(target_modules=["q_proj"])).eval()
+    randomize(model)
+    layer = model.base_model.model.q_proj
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        layer(x)
+        stacked = layer._caches["stacked:default"][1]
+        torch.testing.assert_close(layer(x), by_hand(layer, x))
+        assert layer._caches["stacked:default"][1] is stacked  # reused, not rebuilt
+        layer.lora_T["default"].weight.mul_(-1)  # an in-place update, like an optimizer step
+        torch.testing.assert_close(layer(x), by_hand(layer, x))
+    layer(x).sum().backward()  # with autograd the weights get gradients and no copy is kept
+    assert layer.lora_S["default"].weight.grad is not None and not layer._caches
+    model.delete_adapter("default")
+    assert not layer._caches
+
+
 class ZeroingDropout(nn.Dropout):
     """A 'dropout' that drops everything, to see which path it is applied to."""
 

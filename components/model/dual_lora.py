@@ -182,6 +182,7 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
     ) -> None:
         """Add (or replace) adapter `adapter_name`; PEFT calls this for every further adapter too."""
         config = self._resolve_config(config, r, lora_alpha, kwargs)
+        self._caches.pop(f"stacked:{adapter_name}", None)
         r = self._rank(config, r)
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
@@ -196,6 +197,10 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
         self._create_adapter(adapter_name, r, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._caches.pop(f"stacked:{adapter_name}", None)
 
     def _rank(self, config: CustomLoraConfig, r: int) -> int:
         """The rank used for the scaling; PEFT passes `r` (possibly from rank_pattern)."""
@@ -227,6 +232,24 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
         dropout = self.lora_dropout[adapter_name]
         dropout_active = isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training
         return not dropout_active and not any(hasattr(w, "ds_id") for w in weights)
+
+    def _stacked(self, adapter_name: str, *weights: torch.Tensor) -> torch.Tensor:
+        """The weights stacked along the output dim for one GEMM.
+
+        With autograd on, a fresh `torch.cat` carries the gradients back to each weight. Without
+        it (inference, generation), the stacked copy is kept and reused while every weight is the
+        same tensor at the same version, so a one-token decode step pays one GEMV and no copy.
+        """
+        key = f"stacked:{adapter_name}"
+        if torch.is_grad_enabled():
+            self._caches.pop(key, None)  # no stale copy held through training
+            return torch.cat(weights, dim=0)
+        stamp = tuple((id(w), w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        cached = self._caches.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, torch.cat(weights, dim=0))
+            self._caches[key] = cached
+        return cached[1]
 
     # -- forward -------------------------------------------------------------------------
 
@@ -349,7 +372,7 @@ class DualLoraLinear(InputDependentLoraLayer):
         """S dropout(x) and T x; one GEMM on the stacked (2r x d_in) weight when dropout is inactive."""
         s_layer, t_layer = self.lora_S[adapter_name], self.lora_T[adapter_name]
         if self._fusable(adapter_name, s_layer.weight, t_layer.weight):
-            both = F.linear(x, torch.cat([s_layer.weight, t_layer.weight], dim=0))
+            both = F.linear(x, self._stacked(adapter_name, s_layer.weight, t_layer.weight))
             return both.split(self.r[adapter_name], dim=-1)
         return s_layer(self.lora_dropout[adapter_name](x)), t_layer(x)
 

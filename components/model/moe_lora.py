@@ -196,7 +196,7 @@ class MixtureLoraLinear(InputDependentLoraLayer):
         """(A_cat dropout(x), router logits); one GEMM on [A_cat; W_router] when dropout is inactive."""
         a_layer, router = self.lora_A[adapter_name], self.lora_router[adapter_name]
         if self._fusable(adapter_name, a_layer.weight, router.weight):
-            both = F.linear(x, torch.cat([a_layer.weight, router.weight], dim=0))
+            both = F.linear(x, self._stacked(adapter_name, a_layer.weight, router.weight))
             return both.split([self.r[adapter_name], router.out_features], dim=-1)
         return a_layer(self.lora_dropout[adapter_name](x)), router(x)
 

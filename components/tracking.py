@@ -433,11 +433,18 @@ class Tracker:
     ) -> str:
         """Log a pyfunc model under a run and return its ``runs:/RUN/NAME`` URI for registration.
 
-        The run's status is left alone (the run may still be in progress).
+        The run's status is left alone (the run may still be in progress). The logged-model
+        record is created here, in the run's own experiment, because MLflow would otherwise
+        file it under the process's active (default) experiment.
         """
+        run = self.client.get_run(run_id)
+        model = self.client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params)
+        )
         with self.as_default():
             Model.log(
-                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=python_model,
+                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
+                python_model=python_model,
                 artifacts=dict(artifacts) if artifacts else None,
                 pip_requirements=list(pip_requirements) if pip_requirements is not None else None,
                 code_paths=list(code_paths) if code_paths else None,

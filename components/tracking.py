@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -62,6 +63,8 @@ TAG_ARTIFACT_PREFIX = "duet.artifact."
 ChildKind = Literal["stage", "trial", "evaluation", "data"]
 CHILD_KINDS: tuple[str, ...] = ("stage", "trial", "evaluation", "data")
 PIPELINE_KIND = "pipeline"
+
+_log = logging.getLogger(__name__)
 
 REDACTED = "***"
 _MAX_PARAMS_PER_BATCH = 100
@@ -285,12 +288,19 @@ class Tracker:
         try:
             yield opened
         except KeyboardInterrupt:
-            self.client.set_terminated(opened, RunStatus.to_string(RunStatus.KILLED))
+            self._end_quietly(opened, RunStatus.KILLED)
             raise
         except BaseException:
-            self.client.set_terminated(opened, RunStatus.to_string(RunStatus.FAILED))
+            self._end_quietly(opened, RunStatus.FAILED)
             raise
         self.client.set_terminated(opened, RunStatus.to_string(RunStatus.FINISHED))
+
+    def _end_quietly(self, run_id: str, status: int) -> None:
+        """Mark a failed run; a tracking error here must not hide the error that ended the run."""
+        try:
+            self.client.set_terminated(run_id, RunStatus.to_string(status))
+        except Exception as exc:  # the original exception is re-raised by the caller
+            _log.warning("could not mark run %s %s: %s", run_id, RunStatus.to_string(status), redact(str(exc)))
 
     def parent_run(
         self, name: str, tags: Mapping[str, str] | None = None, run_id: str | None = None
@@ -341,7 +351,15 @@ class Tracker:
         params = {k: v[:_MAX_PARAM_VALUE] for k, v in flatten(tree).items()}
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[start : start + _MAX_PARAMS_PER_BATCH])
+            try:
+                self.client.log_batch(run_id, params=items[start : start + _MAX_PARAMS_PER_BATCH])
+            except MlflowException as exc:
+                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                    raise
+                raise TrackingError(
+                    f"run {run_id} was logged with a different config ({redact(exc.message)[:300]}); a resumed "
+                    "run keeps its config: start a new run (new run.name or no run id) to change it"
+                ) from None
         self.client.log_text(run_id, yaml.safe_dump(tree, sort_keys=False), "config/resolved.yaml")
         tags = {TAG_CONFIG_HASH: cfg.hash()}
         commit = git_commit()

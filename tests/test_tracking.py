@@ -167,6 +167,9 @@ def test_runs_fail_and_resume(mlflow_server: MlflowServer) -> None:  # noqa: F81
     assert tracker.client.get_run(parent).info.status == "FINISHED"
     assert tracker.find_run({TAG_STEP: "stage1"}).info.run_id == child
 
+    tracker.log_config(parent, load_config())
+    with pytest.raises(TrackingError, match="different config"):
+        tracker.log_config(parent, load_config(None, ["adapter.r=8"]))
     with pytest.raises(TrackingError, match="not a 'pipeline' run"), tracker.parent_run("x", run_id=child):
         pass
     with pytest.raises(TrackingError, match="kind 'stagee' is not one of"):

@@ -67,6 +67,33 @@ class DataConfig(Section):
     conversation_template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
     transform_concurrency: PositiveInt = 1
+    caption_records: PositiveInt | None = Field(
+        None, description="Synthetic: records in the stage-1 'caption' split (default: num_records)."
+    )
+    caption_input: str | None = Field(
+        None, description="LLaVA: optional JSON of caption pairs written whole as the stage-1 'caption' split."
+    )
+    caption_template: Literal["vicuna_v1", "plain"] = Field(
+        "plain", description="Template for records whose task is 'caption' (LLaVA's stage-1 'plain' by default)."
+    )
+    max_image_pixels: PositiveInt = Field(
+        40_000_000, description="Images with more pixels are skipped as corrupt (decompression-bomb guard)."
+    )
+    preprocess_num_cpus: PositiveFloat = Field(
+        0.5, description="CPUs reserved per shard reader and preprocessing actor (text and image stages)."
+    )
+    preprocess_batch_size: PositiveInt = Field(32, description="Rows per batch in the image-transform actors.")
+
+    @model_validator(mode="after")
+    def _input_for_file_sources(self) -> DataConfig:
+        if self.source != "synthetic" and not self.input:
+            raise ValueError(f"data.source {self.source!r} needs data.input (the JSON file; --input on the CLI)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must leave records for training "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+        return self
 
 
 class TinyModelConfig(Section):

@@ -1,0 +1,275 @@
+"""Streaming preprocessing on Ray Data: shards -> validated, tokenised, image-transformed training rows.
+
+::
+
+    read_webdataset(manifest's shards, filesystem from storage.resolve, raw bytes)
+      -> TextStage   (actor pool): parse + validate the JSON, chat template, tokenise with
+                                   assistant-only labels; bad rows dropped and counted
+      -> ImageStage  (actor pool): decode + validate images, RGB, CLIP pad/resize/crop,
+                                   batch-normalise; corrupt images dropped and counted
+      -> Dataset with input_ids, labels (variable length) and pixel_values (n_images, 3, H, W)
+
+The dataset is lazy: hand it to ``TorchTrainer(datasets=...)`` and read it with
+``get_dataset_shard(...).iter_torch_batches(collate_fn=make_collate(...))``; it is
+never materialised. Skipped rows are counted per reason by the split's monitor
+(see ``components.data.quality``): the run stops as soon as the bad rows exceed
+``data.max_bad_fraction`` of the manifest's record count, and ``quality_report``
+gives the counts to the driver or the trainer.
+
+Records whose task is ``caption`` use ``data.caption_template`` (LLaVA's ``plain`` for
+stage 1); all others use ``data.conversation_template``. The tokenizer is loaded on
+the driver and shipped to the actors, so the model directory only has to be
+readable where ``build_dataset`` runs (a local path or an s3:// URI).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from transformers import AutoTokenizer
+
+from components import storage
+from components.config import PipelineConfig, StorageConfig
+from components.data import quality
+from components.data.conversation import IGNORE_INDEX, ConversationError, Encoder
+from components.data.records import BadRecord, decode_image, parse_row
+from components.data.shards import Manifest, read_manifest, shard_uris
+from components.data.transform import ImageSpec, load_image_spec, normalize, resize_and_crop
+
+log = logging.getLogger(__name__)
+
+# Files of a model directory the data side needs (never the weights).
+_PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+)
+TEXT_BATCH_SIZE = 256
+
+
+# ---------------------------------------------------------------- model side
+
+
+def local_processor_dir(processor_dir: str, cfg: StorageConfig | None = None) -> str:
+    """A local directory with the tokenizer and image processor files (downloaded when remote)."""
+    if not storage.is_remote(processor_dir):
+        if not os.path.isdir(processor_dir):
+            raise FileNotFoundError(f"model directory {processor_dir} not found (tokenizer + preprocessor config)")
+        return processor_dir
+    target = tempfile.mkdtemp(prefix="duet-processor-")
+    found = 0
+    for name in _PROCESSOR_FILES:
+        uri = storage.join(processor_dir, name)
+        if storage.exists(uri, cfg):
+            storage.write_bytes(os.path.join(target, name), storage.read_bytes(uri, cfg))
+            found += 1
+    if not found:
+        raise FileNotFoundError(f"no tokenizer or processor files under {processor_dir}")
+    return target
+
+
+def load_tokenizer(processor_dir: str, cfg: StorageConfig | None = None):
+    """The model directory's fast tokenizer (needed for label offsets); it must define a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(local_processor_dir(processor_dir, cfg))
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer in {processor_dir} has no pad token; set pad_token when saving it")
+    return tokenizer
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _shard_name(url: Any) -> str:
+    return os.path.basename(str(url)) if isinstance(url, str) and url else "<unknown shard>"
+
+
+class TextStage:
+    """Validate rows and tokenise their conversations (one tokenizer call per batch)."""
+
+    def __init__(self, tokenizer, template: str, caption_template: str, num_visual_tokens: int, max_length: int,
+                 monitor: ray.actor.ActorHandle) -> None:
+        self.encoder = Encoder(tokenizer, template, num_visual_tokens, max_length)
+        self.template = template
+        self.caption_template = caption_template
+        self.num_visual_tokens = num_visual_tokens
+        self.monitor = monitor
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        seen: Counter[str] = Counter()
+        bad: list[tuple[str, str, str]] = []
+        samples = []
+        for row in batch.to_dict("records"):
+            shard = _shard_name(row.get("__url__"))
+            seen[shard] += 1
+            try:
+                samples.append(parse_row(row))
+            except BadRecord as exc:
+                bad.append((shard, str(row.get("__key__")), exc.reason))
+        templates = [self.caption_template if s.meta.get("task") == "caption" else self.template for s in samples]
+        encodings = self.encoder.encode_many([s.conversations for s in samples], templates)
+        out: dict[str, list] = {"key": [], "shard": [], "input_ids": [], "labels": [], "images": []}
+        for sample, encoding in zip(samples, encodings):
+            shard = _shard_name(sample.shard)
+            if isinstance(encoding, ConversationError):
+                bad.append((shard, sample.key, encoding.reason))
+                continue
+            placeholders = int((encoding["input_ids"] == self.encoder.image_token_id).sum()) // self.num_visual_tokens
+            if placeholders != len(sample.images):
+                bad.append((shard, sample.key, "image_mismatch"))
+                continue
+            out["key"].append(sample.key)
+            out["shard"].append(shard)
+            out["input_ids"].append(encoding["input_ids"])
+            out["labels"].append(encoding["labels"])
+            out["images"].append(sample.images)
+        quality.report_batch(self.monitor, dict(seen), bad)
+        return pd.DataFrame(out)
+
+
+class ImageStage:
+    """Decode and CLIP-transform each row's images; rows with a corrupt image are dropped and counted."""
+
+    def __init__(self, spec: ImageSpec, max_pixels: int, monitor: ray.actor.ActorHandle) -> None:
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.monitor = monitor
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        bad: list[tuple[str, str, str]] = []
+        kept: list[int] = []
+        arrays: list[np.ndarray] = []
+        counts: list[int] = []
+        for i, row in enumerate(batch.itertuples(index=False)):
+            try:
+                images = [resize_and_crop(decode_image(data, self.max_pixels), self.spec) for data in row.images]
+            except BadRecord as exc:
+                bad.append((row.shard, row.key, exc.reason))
+                continue
+            kept.append(i)
+            arrays.extend(images)
+            counts.append(len(images))
+        if bad:
+            quality.report_batch(self.monitor, {}, bad)
+        height, width = self.spec.output_hw
+        pixels = normalize(np.stack(arrays), self.spec) if arrays else np.zeros((0, 3, height, width), np.float32)
+        per_row = np.split(pixels, np.cumsum(counts)[:-1]) if counts else []
+        return {
+            "input_ids": _ragged([batch["input_ids"].iloc[i] for i in kept]),
+            "labels": _ragged([batch["labels"].iloc[i] for i in kept]),
+            "pixel_values": _ragged(per_row),
+        }
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """An object array holding one array per row (Ray stores it as a variable-shaped tensor column)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def build_dataset(
+    split_uri: str,
+    cfg: PipelineConfig,
+    processor_dir: str,
+    num_visual_tokens: int,
+    *,
+    shuffle_files: bool = False,
+) -> ray.data.Dataset:
+    """The lazy training dataset of one prepared split (see the module docstring for the stages)."""
+    manifest = read_manifest(split_uri, cfg.storage)
+    fs, _ = storage.resolve(split_uri, cfg.storage)
+    paths = [storage.resolve(uri, cfg.storage)[1] for uri in shard_uris(split_uri, manifest)]
+    local_dir = local_processor_dir(processor_dir, cfg.storage)
+    tokenizer = load_tokenizer(local_dir)
+    spec = load_image_spec(local_dir)
+    data = cfg.data
+    monitor = split_monitor(manifest, data.max_bad_fraction)
+    shuffle = ray.data.FileShuffleConfig(seed=data.seed) if shuffle_files else None
+    dataset = ray.data.read_webdataset(
+        paths, filesystem=fs, decoder=None, shuffle=shuffle, num_cpus=data.preprocess_num_cpus
+    )
+    dataset = dataset.map_batches(
+        TextStage,
+        fn_constructor_kwargs={
+            "tokenizer": tokenizer, "template": data.conversation_template,
+            "caption_template": data.caption_template, "num_visual_tokens": num_visual_tokens,
+            "max_length": cfg.model.max_length, "monitor": monitor,
+        },
+        batch_format="pandas", batch_size=TEXT_BATCH_SIZE, num_cpus=data.preprocess_num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.transform_concurrency),
+    )
+    return dataset.map_batches(
+        ImageStage,
+        fn_constructor_kwargs={"spec": spec, "max_pixels": data.max_image_pixels, "monitor": monitor},
+        batch_format="pandas", batch_size=data.preprocess_batch_size, num_cpus=data.preprocess_num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=data.transform_concurrency),
+    )
+
+
+def split_monitor(manifest: Manifest, max_bad_fraction: float) -> ray.actor.ActorHandle:
+    return quality.get_monitor(manifest.split, manifest.digest, manifest.count, max_bad_fraction)
+
+
+def quality_report(split_uri: str, cfg: PipelineConfig) -> quality.QualityReport | None:
+    """Skipped-row counts so far for a split streamed in this Ray job (None when it was not streamed)."""
+    manifest = read_manifest(split_uri, cfg.storage)
+    return quality.read_report(manifest.digest, cfg.data.max_bad_fraction)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample; concatenate every sample's images in order.
+
+    Returns input_ids (pad_token_id), labels (-100) and attention_mask (0) padded to
+    (B, L), and pixel_values (total images in the batch, 3, H, W): the layout LLaVA's
+    forward expects, whose image tokens are filled in the same order.
+    """
+    ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+    labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
+    if not ids:
+        raise ValueError("collate got an empty batch")
+    length = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), length), pad_token_id, dtype=np.int64)
+    label_out = np.full((len(ids), length), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(ids), length), dtype=np.int64)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[i, : len(x)] = x
+        label_out[i, : len(y)] = y
+        mask[i, : len(x)] = 1
+    pixels = [np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]
+    pixel_values = np.concatenate(pixels, axis=0)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(label_out),
+        "attention_mask": torch.from_numpy(mask),
+        "pixel_values": torch.from_numpy(np.ascontiguousarray(pixel_values)),
+    }
+
+
+class Collate(NumpyBatchCollateFn):
+    """`collate` bound to a pad token id, in the form iter_torch_batches(collate_fn=...) takes."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.pad_token_id)
+
+
+def make_collate(processor_dir: str, cfg: StorageConfig | None = None) -> Collate:
+    """The collate function for a model directory (its tokenizer's pad token id)."""
+    return Collate(int(load_tokenizer(processor_dir, cfg).pad_token_id))

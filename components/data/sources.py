@@ -1,0 +1,256 @@
+"""Readers that turn raw LLaVA-format and UniFood-style inputs into shard records.
+
+LLaVA format (a JSON list, or JSON Lines)::
+
+    {"id": "000001", "image": "coco/0001.jpg" | ["a.jpg", "b.jpg"] | absent (text-only),
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "..."}]}
+
+One ``<image>`` placeholder per image, in order. Optional ``task`` and ``answer_fields``
+are kept; otherwise the task is ``chat`` and the reference is the last answer.
+
+UniFood style (a JSON list, or JSON Lines)::
+
+    {"id": "dish-1", "image": "dish-1.jpg", "ingredients": ["rice", "egg"],
+     "recipe": "Boil the rice. ..." (or a list of steps),
+     "nutrition": {"mass": 250, "cal": 380, "fat": 12, "protein": 20, "carb": 45}}
+
+Each entry becomes up to three instruction records, one per family whose field
+is present: ``items`` (ingredient set), ``description`` (recipe) and ``numeric``
+(nutrition, answered as ``mass: 250.0, cal: 380.0, fat: 12.0, protein: 20.0, carb: 45.0``:
+grams, kcal, grams, grams, grams). The structured ground truth goes to ``answer_fields``.
+
+Image paths are relative to the image root (``data.image_root``, default: the
+folder of the input file). A path that leaves the root (``../../etc/passwd``, or
+an absolute path elsewhere) is refused, and a missing file is an error naming
+the record and the path: a dataset is never written with silent holes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from collections.abc import Iterable, Iterator
+from urllib.parse import urlsplit
+
+from components import storage
+from components.config import StorageConfig
+from components.data.shards import RecordError
+
+NUTRITION_FIELDS = ("mass", "cal", "fat", "protein", "carb")
+UNIFOOD_QUESTIONS = {
+    "items": "What are the ingredients of this dish? List them separated by commas.",
+    "description": "How is this dish prepared? Write the recipe.",
+    "numeric": (
+        "Estimate the nutrition of this dish. Answer as 'mass: G, cal: K, fat: G, protein: G, carb: G' "
+        "(grams and kilocalories)."
+    ),
+}
+
+
+def load_entries(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
+    """The entries of a JSON list or JSON Lines file, each checked to be an object."""
+    try:
+        text = storage.read_text(uri, cfg)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input file {uri} not found (set data.input / --input to the JSON file)") from None
+    try:
+        if uri.endswith(".jsonl"):
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"input file {uri} is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise RecordError(f"input file {uri} must hold a JSON list of records (or JSON Lines ending in .jsonl)")
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise RecordError(f"input file {uri}: entry #{n} must be a JSON object, got {type(entry).__name__}")
+    return entries
+
+
+def file_digest(uri: str, cfg: StorageConfig | None = None) -> str:
+    """sha256 of a file's bytes (inputs fingerprint for re-use checks)."""
+    return hashlib.sha256(storage.read_bytes(uri, cfg)).hexdigest()
+
+
+def default_image_root(input_uri: str) -> str:
+    """The folder that holds the input file."""
+    if storage.is_remote(input_uri):
+        return input_uri.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(input_uri))
+
+
+def entry_id(entry: dict, n: int, uri: str) -> str:
+    rid = entry.get("id")
+    if rid is None or str(rid).strip() == "":
+        raise RecordError(f"input file {uri}: entry #{n} has no 'id'; every record needs a unique id")
+    return str(rid)
+
+
+def assign_split(record_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """train / validation / test by a hash of (seed, id): stable under reordering and appending."""
+    u = int(hashlib.sha256(f"{seed}\0{record_id}".encode()).hexdigest()[:16], 16) / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validation"
+    return "train"
+
+
+# ---------------------------------------------------------------- images
+
+
+def safe_image_uri(root: str, rel: object, where: str) -> str:
+    """The URI of an image path inside `root`; paths that escape the root are refused."""
+    if not isinstance(rel, str) or not rel.strip() or "\x00" in rel:
+        raise RecordError(f"{where}: 'image' must be a non-empty path string, got {rel!r:.80}")
+    if storage.is_remote(root):
+        parts = urlsplit(root)
+        base = posixpath.normpath("/" + parts.netloc + parts.path)
+        if "://" in rel:
+            raise RecordError(f"{where}: image path {rel!r} must be relative to the image root {root}")
+        target = posixpath.normpath(posixpath.join(base, rel))
+        inside = target.startswith(base.rstrip("/") + "/")
+        resolved = f"s3:/{target}"
+    else:
+        base = os.path.normpath(os.path.abspath(root))
+        target = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
+        inside = target.startswith(base.rstrip(os.sep) + os.sep)
+        resolved = target
+    if not inside:
+        raise RecordError(
+            f"{where}: image path {rel!r} escapes the image root {root}; refusing to read it "
+            "(image paths must be relative to data.image_root and stay inside it)"
+        )
+    return resolved
+
+
+def load_images(paths: list[object], root: str, where: str, cfg: StorageConfig | None) -> list[tuple[str, bytes]]:
+    """(extension, bytes) of each image path, read through storage; a missing file names record and path."""
+    images = []
+    for rel in paths:
+        uri = safe_image_uri(root, rel, where)
+        try:
+            data = storage.read_bytes(uri, cfg)
+        except (FileNotFoundError, IsADirectoryError):
+            raise RecordError(
+                f"{where}: image file {rel!r} not found under the image root {root} "
+                "(set data.image_root to the folder the image paths are relative to)"
+            ) from None
+        ext = os.path.splitext(str(rel))[1].lstrip(".") or "jpg"
+        images.append((ext, data))
+    return images
+
+
+def _image_paths(entry: dict, where: str) -> list[object]:
+    image = entry.get("image")
+    if image is None:
+        return []
+    if isinstance(image, list):
+        if not image:
+            raise RecordError(f"{where}: 'image' is an empty list; drop the field for a text-only record")
+        return image
+    return [image]
+
+
+# ---------------------------------------------------------------- LLaVA
+
+
+def llava_records(
+    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None,
+    task: str | None = None,
+) -> Iterator[dict]:
+    """Shard records of numbered LLaVA entries; `task` overrides the entries' own (e.g. 'caption')."""
+    for n, entry in entries:
+        rid = entry_id(entry, n, uri)
+        where = f"record {rid!r} (entry #{n} of {uri})"
+        conversations = entry.get("conversations")
+        if not isinstance(conversations, list) or not conversations:
+            raise RecordError(f"{where}: missing 'conversations' (a list of from/value turns)")
+        answers = [t.get("value") for t in conversations if isinstance(t, dict) and t.get("from") == "gpt"]
+        paths = _image_paths(entry, where)
+        yield {
+            "id": rid,
+            "task": task or str(entry.get("task", "chat")),
+            "conversations": conversations,
+            "answer_fields": entry.get("answer_fields") or {"reference": answers[-1] if answers else ""},
+            "source_images": [str(p) for p in paths],
+            "images": load_images(paths, image_root, where, cfg),
+        }
+
+
+# ---------------------------------------------------------------- UniFood
+
+
+def _recipe_text(recipe: object, where: str) -> str:
+    if isinstance(recipe, list) and all(isinstance(s, str) for s in recipe):
+        return " ".join(s.strip() for s in recipe if s.strip())
+    if isinstance(recipe, str):
+        return recipe.strip()
+    raise RecordError(f"{where}: 'recipe' must be a string or a list of step strings")
+
+
+def _nutrition(entry: dict, where: str) -> dict[str, float] | None:
+    source = entry.get("nutrition")
+    if source is None and any(k in entry for k in NUTRITION_FIELDS):
+        source = {k: entry.get(k) for k in NUTRITION_FIELDS}
+    if source is None:
+        return None
+    if not isinstance(source, dict):
+        raise RecordError(f"{where}: 'nutrition' must be an object with {', '.join(NUTRITION_FIELDS)}")
+    values = {}
+    for name in NUTRITION_FIELDS:
+        value = source.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise RecordError(f"{where}: nutrition field {name!r} must be a number >= 0, got {value!r}")
+        values[name] = round(float(value), 1)
+    return values
+
+
+def format_nutrition(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {values[k]:.1f}" for k in NUTRITION_FIELDS)
+
+
+def unifood_records(
+    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None
+) -> Iterator[dict]:
+    """Up to three instruction records (items, description, numeric) per numbered UniFood entry."""
+    for n, entry in entries:
+        rid = entry_id(entry, n, uri)
+        where = f"record {rid!r} (entry #{n} of {uri})"
+        paths = _image_paths(entry, where)
+        if len(paths) != 1:
+            raise RecordError(f"{where}: a UniFood record needs exactly one 'image', got {len(paths)}")
+        families: list[tuple[str, str, dict]] = []
+        ingredients = entry.get("ingredients")
+        if ingredients is not None:
+            if not isinstance(ingredients, list) or not all(isinstance(i, str) and i.strip() for i in ingredients):
+                raise RecordError(f"{where}: 'ingredients' must be a list of non-empty strings")
+            if ingredients:
+                items = [i.strip() for i in ingredients]
+                families.append(("items", ", ".join(items), {"items": items}))
+        if entry.get("recipe") is not None:
+            text = _recipe_text(entry["recipe"], where)
+            if text:
+                families.append(("description", text, {"reference": text}))
+        nutrition = _nutrition(entry, where)
+        if nutrition is not None:
+            families.append(("numeric", format_nutrition(nutrition), nutrition))
+        if not families:
+            raise RecordError(f"{where}: no 'ingredients', 'recipe' or 'nutrition'; nothing to learn from it")
+        images = load_images(paths, image_root, where, cfg)
+        for task, answer, fields in families:
+            yield {
+                "id": f"{rid}-{task}",
+                "source_id": rid,
+                "task": task,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{UNIFOOD_QUESTIONS[task]}"},
+                    {"from": "gpt", "value": answer},
+                ],
+                "answer_fields": fields,
+                "source_images": [str(paths[0])],
+                "images": images,
+            }

@@ -250,10 +250,15 @@ class TuneConfig(Section):
 
 
 class EvalConfig(Section):
+    """Batch generation on a Ray Data actor pool: one model replica per actor (components/evaluate.py)."""
+
     max_new_tokens: PositiveInt = 64
     batch_size: PositiveInt = 8
     num_replicas: PositiveInt = 1
     max_samples: PositiveInt | None = None
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: replicas take GPUs when the cluster has any.")
+    gpus_per_replica: PositiveFloat = Field(1.0, description="GPUs reserved per replica when GPUs are used.")
+    cpus_per_replica: PositiveFloat = Field(1.0, description="CPUs reserved per replica (generation actor).")
 
 
 class RegistryConfig(Section):

@@ -24,7 +24,7 @@ readable where ``build_dataset`` runs (a local path or an s3:// URI).
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import os
 import tempfile
 from collections import Counter
@@ -45,8 +45,6 @@ from components.data.records import BadRecord, decode_image, parse_row
 from components.data.shards import Manifest, read_manifest, shard_uris
 from components.data.transform import ImageSpec, load_image_spec, normalize, resize_and_crop
 
-log = logging.getLogger(__name__)
-
 # Files of a model directory the data side needs (never the weights).
 _PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -64,7 +62,9 @@ def local_processor_dir(processor_dir: str, cfg: StorageConfig | None = None) ->
         if not os.path.isdir(processor_dir):
             raise FileNotFoundError(f"model directory {processor_dir} not found (tokenizer + preprocessor config)")
         return processor_dir
-    target = tempfile.mkdtemp(prefix="duet-processor-")
+    # One cache folder per URI, refreshed on every call (small files only), so nothing piles up in /tmp.
+    digest = hashlib.sha256(processor_dir.encode()).hexdigest()[:16]
+    target = os.path.join(tempfile.gettempdir(), f"duet-processor-{digest}")
     found = 0
     for name in _PROCESSOR_FILES:
         uri = storage.join(processor_dir, name)

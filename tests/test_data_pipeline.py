@@ -100,6 +100,7 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     assert info.value.reason == "corrupt_image"
     with pytest.raises(BadRecord, match="decompression bomb|pixel limit"):  # PIL's own guard, far above the limit
         decode_image(encoded(Image.new("L", (400, 400))), 10_000)
+    assert Image.MAX_IMAGE_PIXELS != 10_000  # the process-wide PIL limit is restored afterwards
 
 
 @pytest.mark.parametrize(
@@ -170,6 +171,21 @@ def test_monitor_budget_dedupes_and_names_the_worst_shard() -> None:
 
 def test_zero_threshold_fails_on_the_first_bad_row() -> None:
     assert _Monitor("t", 10, 0.0).report({}, [("s", "k", "bad_json")]) is not None
+
+
+# ---------------------------------------------------------------- per-worker streams
+
+
+def test_keep_positions_gives_every_row_to_exactly_one_worker() -> None:
+    import pandas as pd
+
+    from components.data.stages import keep_positions
+
+    keys = [f"{i:09d}" for i in range(10)] + ["../evil", "g0001"]
+    batch = pd.DataFrame({"__key__": keys, "json": [b"{}"] * len(keys)})
+    parts = [keep_positions(batch, index, 3)["__key__"].tolist() for index in range(3)]
+    assert sorted(k for part in parts for k in part) == sorted(keys)
+    assert parts[0][:4] == ["000000000", "000000003", "000000006", "000000009"]
 
 
 # ---------------------------------------------------------------- collate

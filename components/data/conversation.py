@@ -112,7 +112,12 @@ def render(conversations: Sequence[dict], template: str, eos: str, image_token: 
 
 
 class Encoder:
-    """Tokenises rendered conversations with a fast tokenizer; image placeholders become visual tokens."""
+    """Tokenises rendered conversations; image placeholders become visual tokens.
+
+    Built from a Hugging Face fast tokenizer but keeps only its Rust `tokenizers`
+    backend and a few token ids, so it pickles small and unpickles without
+    importing transformers or torch (cheap to ship to Ray actors).
+    """
 
     def __init__(self, tokenizer, template: str, num_visual_tokens: int, max_length: int,
                  image_token: str = "<image>") -> None:
@@ -128,7 +133,8 @@ class Encoder:
             )
         if num_visual_tokens < 1:
             raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
-        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.eos_token = str(tokenizer.eos_token)
         self.template = template
         self.num_visual_tokens = num_visual_tokens
         self.max_length = max_length
@@ -144,11 +150,11 @@ class Encoder:
         for i, conversations in enumerate(batch):
             try:
                 template = templates[i] if templates is not None else self.template
-                rendered.append(render(conversations, template, self.tokenizer.eos_token, self.image_token))
+                rendered.append(render(conversations, template, self.eos_token, self.image_token))
             except ConversationError as exc:
                 rendered.append(exc)
         texts = [r.text for r in rendered if isinstance(r, Rendered)]
-        encodings = iter(self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else [])
+        encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False) if texts else [])
         out: list[dict[str, np.ndarray] | ConversationError] = []
         for r in rendered:
             if isinstance(r, ConversationError):

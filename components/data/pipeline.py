@@ -27,11 +27,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections import Counter
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -40,10 +37,10 @@ from transformers import AutoTokenizer
 from components import storage
 from components.config import PipelineConfig, StorageConfig
 from components.data import quality
-from components.data.conversation import IGNORE_INDEX, ConversationError, Encoder
-from components.data.records import BadRecord, decode_image, parse_row
+from components.data.conversation import IGNORE_INDEX, Encoder
 from components.data.shards import Manifest, read_manifest, shard_uris
-from components.data.transform import ImageSpec, load_image_spec, normalize, resize_and_crop
+from components.data.stages import ImageStage, TextStage, keep_positions
+from components.data.transform import load_image_spec
 
 # Files of a model directory the data side needs (never the weights).
 _PROCESSOR_FILES = (
@@ -84,98 +81,6 @@ def load_tokenizer(processor_dir: str, cfg: StorageConfig | None = None):
     return tokenizer
 
 
-# ---------------------------------------------------------------- stages
-
-
-def _shard_name(url: Any) -> str:
-    return os.path.basename(str(url)) if isinstance(url, str) and url else "<unknown shard>"
-
-
-class TextStage:
-    """Validate rows and tokenise their conversations (one tokenizer call per batch)."""
-
-    def __init__(self, tokenizer, template: str, caption_template: str, num_visual_tokens: int, max_length: int,
-                 monitor: ray.actor.ActorHandle) -> None:
-        self.encoder = Encoder(tokenizer, template, num_visual_tokens, max_length)
-        self.template = template
-        self.caption_template = caption_template
-        self.num_visual_tokens = num_visual_tokens
-        self.monitor = monitor
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        seen: Counter[str] = Counter()
-        bad: list[tuple[str, str, str]] = []
-        samples = []
-        for row in batch.to_dict("records"):
-            shard = _shard_name(row.get("__url__"))
-            seen[shard] += 1
-            try:
-                samples.append(parse_row(row))
-            except BadRecord as exc:
-                bad.append((shard, str(row.get("__key__")), exc.reason))
-        templates = [self.caption_template if s.meta.get("task") == "caption" else self.template for s in samples]
-        encodings = self.encoder.encode_many([s.conversations for s in samples], templates)
-        out: dict[str, list] = {"key": [], "shard": [], "input_ids": [], "labels": [], "images": []}
-        for sample, encoding in zip(samples, encodings):
-            shard = _shard_name(sample.shard)
-            if isinstance(encoding, ConversationError):
-                bad.append((shard, sample.key, encoding.reason))
-                continue
-            placeholders = int((encoding["input_ids"] == self.encoder.image_token_id).sum()) // self.num_visual_tokens
-            if placeholders != len(sample.images):
-                bad.append((shard, sample.key, "image_mismatch"))
-                continue
-            out["key"].append(sample.key)
-            out["shard"].append(shard)
-            out["input_ids"].append(encoding["input_ids"])
-            out["labels"].append(encoding["labels"])
-            out["images"].append(sample.images)
-        quality.report_batch(self.monitor, dict(seen), bad)
-        return pd.DataFrame(out)
-
-
-class ImageStage:
-    """Decode and CLIP-transform each row's images; rows with a corrupt image are dropped and counted."""
-
-    def __init__(self, spec: ImageSpec, max_pixels: int, monitor: ray.actor.ActorHandle) -> None:
-        self.spec = spec
-        self.max_pixels = max_pixels
-        self.monitor = monitor
-
-    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        bad: list[tuple[str, str, str]] = []
-        kept: list[int] = []
-        arrays: list[np.ndarray] = []
-        counts: list[int] = []
-        for i, row in enumerate(batch.itertuples(index=False)):
-            try:
-                images = [resize_and_crop(decode_image(data, self.max_pixels), self.spec) for data in row.images]
-            except BadRecord as exc:
-                bad.append((row.shard, row.key, exc.reason))
-                continue
-            kept.append(i)
-            arrays.extend(images)
-            counts.append(len(images))
-        if bad:
-            quality.report_batch(self.monitor, {}, bad)
-        height, width = self.spec.output_hw
-        pixels = normalize(np.stack(arrays), self.spec) if arrays else np.zeros((0, 3, height, width), np.float32)
-        per_row = np.split(pixels, np.cumsum(counts)[:-1]) if counts else []
-        return {
-            "input_ids": _ragged([batch["input_ids"].iloc[i] for i in kept]),
-            "labels": _ragged([batch["labels"].iloc[i] for i in kept]),
-            "pixel_values": _ragged(per_row),
-        }
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """An object array holding one array per row (Ray stores it as a variable-shaped tensor column)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, array in enumerate(arrays):
-        out[i] = array
-    return out
-
-
 # ---------------------------------------------------------------- the dataset
 
 
@@ -186,27 +91,37 @@ def build_dataset(
     num_visual_tokens: int,
     *,
     shuffle_files: bool = False,
+    shard_index: int = 0,
+    num_shards: int = 1,
 ) -> ray.data.Dataset:
-    """The lazy training dataset of one prepared split (see the module docstring for the stages)."""
+    """The lazy training dataset of one prepared split (see the module docstring for the stages).
+
+    With `num_shards` > 1 only the records whose global position is `shard_index`
+    modulo `num_shards` are kept, before anything is decoded: one deterministic
+    stream per training worker, the same global order for any worker count.
+    """
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     manifest = read_manifest(split_uri, cfg.storage)
     fs, _ = storage.resolve(split_uri, cfg.storage)
     paths = [storage.resolve(uri, cfg.storage)[1] for uri in shard_uris(split_uri, manifest)]
     local_dir = local_processor_dir(processor_dir, cfg.storage)
-    tokenizer = load_tokenizer(local_dir)
-    spec = load_image_spec(local_dir)
     data = cfg.data
+    encoder = Encoder(load_tokenizer(local_dir), data.conversation_template, num_visual_tokens, cfg.model.max_length)
+    spec = load_image_spec(local_dir)
     monitor = split_monitor(manifest, data.max_bad_fraction)
     shuffle = ray.data.FileShuffleConfig(seed=data.seed) if shuffle_files else None
     dataset = ray.data.read_webdataset(
         paths, filesystem=fs, decoder=None, shuffle=shuffle, num_cpus=data.preprocess_num_cpus
     )
+    if num_shards > 1:
+        dataset = dataset.map_batches(
+            keep_positions, fn_kwargs={"index": shard_index, "count": num_shards},
+            batch_format="pandas", num_cpus=data.preprocess_num_cpus,
+        )
     dataset = dataset.map_batches(
         TextStage,
-        fn_constructor_kwargs={
-            "tokenizer": tokenizer, "template": data.conversation_template,
-            "caption_template": data.caption_template, "num_visual_tokens": num_visual_tokens,
-            "max_length": cfg.model.max_length, "monitor": monitor,
-        },
+        fn_constructor_kwargs={"encoder": encoder, "caption_template": data.caption_template, "monitor": monitor},
         batch_format="pandas", batch_size=TEXT_BATCH_SIZE, num_cpus=data.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.transform_concurrency),
     )

@@ -143,7 +143,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode and fully load an image as RGB; any failure (or a decompression bomb) is corrupt_image."""
     if not data:
         raise BadRecord("corrupt_image", "zero-byte image")
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard (warns above, refuses above twice); ours is below
+    # PIL's own guard (warns above the limit, refuses above twice the limit) is a process global:
+    # set it for this decode and put the previous value back, so other code in the process is unaffected.
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -158,6 +160,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadRecord("corrupt_image", f"decompression bomb ({exc})") from None
     except _DECODE_ERRORS as exc:
         raise BadRecord("corrupt_image", f"cannot decode image ({type(exc).__name__}: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def validate_row(row: dict[str, Any], max_pixels: int) -> tuple[RawSample, list[Image.Image]]:

@@ -83,6 +83,9 @@ class DataConfig(Section):
         0.5, description="CPUs reserved per shard reader and preprocessing actor (text and image stages)."
     )
     preprocess_batch_size: PositiveInt = Field(32, description="Rows per batch in the image-transform actors.")
+    io_threads: Annotated[int, Field(ge=1, le=256)] = Field(
+        8, description="Parallel image reads while converting LLaVA/UniFood inputs to shards."
+    )
 
     @model_validator(mode="after")
     def _input_for_file_sources(self) -> DataConfig:

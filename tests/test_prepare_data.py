@@ -211,3 +211,21 @@ def test_absolute_path_inside_the_image_root_is_allowed(llava_input: Path, tmp_p
 def test_input_flag_with_synthetic_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--source", "synthetic", "--input", "x.json", "--output", str(tmp_path)]) == 2
     assert "--input is not used" in capsys.readouterr().err
+
+
+def test_parallel_reads_keep_input_order_and_raise_the_first_error() -> None:
+    import time
+
+    from components.data.sources import ordered_map
+
+    def slow_square(x: int) -> int:
+        time.sleep(0.002 * (10 - x))  # early items finish last
+        if x == 7:
+            raise ValueError("item 7")
+        return x * x
+
+    out = []
+    with pytest.raises(ValueError, match="item 7"):
+        for value in ordered_map(slow_square, range(10), threads=4, window=3):
+            out.append(value)
+    assert out == [x * x for x in range(7)]

@@ -131,7 +131,7 @@ def file_plans(data: DataConfig, storage_cfg: StorageConfig | None) -> list[Spli
         plans.append(SplitPlan(
             split, split_uri(data, split), common,
             lambda split=split: convert(_numbered_for_split(entries, data.input, data, split), data.input,
-                                        image_root, storage_cfg),
+                                        image_root, storage_cfg, threads=data.io_threads),
         ))
     if data.source == "llava" and data.caption_input:
         caption_root = data.image_root or sources.default_image_root(data.caption_input)
@@ -141,7 +141,8 @@ def file_plans(data: DataConfig, storage_cfg: StorageConfig | None) -> list[Spli
         plans.insert(0, SplitPlan(
             "caption", split_uri(data, "caption"), source,
             lambda: sources.llava_records(enumerate(sources.load_entries(data.caption_input, storage_cfg)),
-                                          data.caption_input, caption_root, storage_cfg, task="caption"),
+                                          data.caption_input, caption_root, storage_cfg, task="caption",
+                                          threads=data.io_threads),
         ))
     return plans
 

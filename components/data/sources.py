@@ -31,12 +31,18 @@ import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from components import storage
 from components.config import StorageConfig
 from components.data.shards import RecordError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 NUTRITION_FIELDS = ("mass", "cal", "fat", "protein", "carb")
 UNIFOOD_QUESTIONS = {
@@ -158,27 +164,54 @@ def _image_paths(entry: dict, where: str) -> list[object]:
 # ---------------------------------------------------------------- LLaVA
 
 
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: int = 256) -> Iterator[R]:
+    """fn over items on a thread pool, results in input order, at most `window` in flight.
+
+    Reading images is I/O bound (one GET per image on object storage), so a few
+    threads turn hours of sequential requests into minutes; order is kept so the
+    shards stay deterministic, and the first error is raised where it occurs.
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="duet-read") as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def llava_record(
+    numbered: tuple[int, dict], uri: str, image_root: str, cfg: StorageConfig | None = None, task: str | None = None
+) -> dict:
+    """The shard record of one numbered LLaVA entry, images read; `task` overrides the entry's own."""
+    n, entry = numbered
+    rid = entry_id(entry, n, uri)
+    where = f"record {rid!r} (entry #{n} of {uri})"
+    conversations = entry.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError(f"{where}: missing 'conversations' (a list of from/value turns)")
+    answers = [t.get("value") for t in conversations if isinstance(t, dict) and t.get("from") == "gpt"]
+    paths = _image_paths(entry, where)
+    return {
+        "id": rid,
+        "task": task or str(entry.get("task", "chat")),
+        "conversations": conversations,
+        "answer_fields": entry.get("answer_fields") or {"reference": answers[-1] if answers else ""},
+        "source_images": [str(p) for p in paths],
+        "images": load_images(paths, image_root, where, cfg),
+    }
+
+
 def llava_records(
     entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None,
-    task: str | None = None,
+    task: str | None = None, threads: int = 1,
 ) -> Iterator[dict]:
-    """Shard records of numbered LLaVA entries; `task` overrides the entries' own (e.g. 'caption')."""
-    for n, entry in entries:
-        rid = entry_id(entry, n, uri)
-        where = f"record {rid!r} (entry #{n} of {uri})"
-        conversations = entry.get("conversations")
-        if not isinstance(conversations, list) or not conversations:
-            raise RecordError(f"{where}: missing 'conversations' (a list of from/value turns)")
-        answers = [t.get("value") for t in conversations if isinstance(t, dict) and t.get("from") == "gpt"]
-        paths = _image_paths(entry, where)
-        yield {
-            "id": rid,
-            "task": task or str(entry.get("task", "chat")),
-            "conversations": conversations,
-            "answer_fields": entry.get("answer_fields") or {"reference": answers[-1] if answers else ""},
-            "source_images": [str(p) for p in paths],
-            "images": load_images(paths, image_root, where, cfg),
-        }
+    """Shard records of numbered LLaVA entries, in order (images read on `threads` threads)."""
+    yield from ordered_map(lambda numbered: llava_record(numbered, uri, image_root, cfg, task), entries, threads)
 
 
 # ---------------------------------------------------------------- UniFood
@@ -213,44 +246,56 @@ def format_nutrition(values: dict[str, float]) -> str:
     return ", ".join(f"{k}: {values[k]:.1f}" for k in NUTRITION_FIELDS)
 
 
+def unifood_family_records(
+    numbered: tuple[int, dict], uri: str, image_root: str, cfg: StorageConfig | None = None
+) -> list[dict]:
+    """Up to three instruction records (items, description, numeric) of one numbered UniFood entry."""
+    n, entry = numbered
+    rid = entry_id(entry, n, uri)
+    where = f"record {rid!r} (entry #{n} of {uri})"
+    paths = _image_paths(entry, where)
+    if len(paths) != 1:
+        raise RecordError(f"{where}: a UniFood record needs exactly one 'image', got {len(paths)}")
+    families: list[tuple[str, str, dict]] = []
+    ingredients = entry.get("ingredients")
+    if ingredients is not None:
+        if not isinstance(ingredients, list) or not all(isinstance(i, str) and i.strip() for i in ingredients):
+            raise RecordError(f"{where}: 'ingredients' must be a list of non-empty strings")
+        if ingredients:
+            items = [i.strip() for i in ingredients]
+            families.append(("items", ", ".join(items), {"items": items}))
+    if entry.get("recipe") is not None:
+        text = _recipe_text(entry["recipe"], where)
+        if text:
+            families.append(("description", text, {"reference": text}))
+    nutrition = _nutrition(entry, where)
+    if nutrition is not None:
+        families.append(("numeric", format_nutrition(nutrition), nutrition))
+    if not families:
+        raise RecordError(f"{where}: no 'ingredients', 'recipe' or 'nutrition'; nothing to learn from it")
+    images = load_images(paths, image_root, where, cfg)
+    return [
+        {
+            "id": f"{rid}-{task}",
+            "source_id": rid,
+            "task": task,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{UNIFOOD_QUESTIONS[task]}"},
+                {"from": "gpt", "value": answer},
+            ],
+            "answer_fields": fields,
+            "source_images": [str(paths[0])],
+            "images": images,
+        }
+        for task, answer, fields in families
+    ]
+
+
 def unifood_records(
-    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None
+    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None,
+    threads: int = 1,
 ) -> Iterator[dict]:
-    """Up to three instruction records (items, description, numeric) per numbered UniFood entry."""
-    for n, entry in entries:
-        rid = entry_id(entry, n, uri)
-        where = f"record {rid!r} (entry #{n} of {uri})"
-        paths = _image_paths(entry, where)
-        if len(paths) != 1:
-            raise RecordError(f"{where}: a UniFood record needs exactly one 'image', got {len(paths)}")
-        families: list[tuple[str, str, dict]] = []
-        ingredients = entry.get("ingredients")
-        if ingredients is not None:
-            if not isinstance(ingredients, list) or not all(isinstance(i, str) and i.strip() for i in ingredients):
-                raise RecordError(f"{where}: 'ingredients' must be a list of non-empty strings")
-            if ingredients:
-                items = [i.strip() for i in ingredients]
-                families.append(("items", ", ".join(items), {"items": items}))
-        if entry.get("recipe") is not None:
-            text = _recipe_text(entry["recipe"], where)
-            if text:
-                families.append(("description", text, {"reference": text}))
-        nutrition = _nutrition(entry, where)
-        if nutrition is not None:
-            families.append(("numeric", format_nutrition(nutrition), nutrition))
-        if not families:
-            raise RecordError(f"{where}: no 'ingredients', 'recipe' or 'nutrition'; nothing to learn from it")
-        images = load_images(paths, image_root, where, cfg)
-        for task, answer, fields in families:
-            yield {
-                "id": f"{rid}-{task}",
-                "source_id": rid,
-                "task": task,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{UNIFOOD_QUESTIONS[task]}"},
-                    {"from": "gpt", "value": answer},
-                ],
-                "answer_fields": fields,
-                "source_images": [str(paths[0])],
-                "images": images,
-            }
+    """The family records of numbered UniFood entries, in order (images read on `threads` threads)."""
+    for family in ordered_map(lambda numbered: unifood_family_records(numbered, uri, image_root, cfg), entries,
+                              threads):
+        yield from family

@@ -168,31 +168,27 @@ class Encoder:
         return out
 
     def _labels(self, r: Rendered, ids: list[int], offsets: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        found = sum(1 for t in ids if t == self.image_token_id)
+        tokens = np.asarray(ids, dtype=np.int64)
+        is_image = tokens == self.image_token_id
+        found = int(is_image.sum())
         if found != r.num_placeholders:
             raise ImageMismatchError(f"{r.num_placeholders} placeholder(s) in the text but {found} image token(s)")
-        length = len(self.bos) + len(ids) + found * (self.num_visual_tokens - 1)
+        length = len(self.bos) + len(tokens) + found * (self.num_visual_tokens - 1)
         if length > self.max_length:
             raise SequenceTooLongError(length, self.max_length)
-        input_ids = np.empty(length, dtype=np.int64)
-        labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
-        pos = 0
-        for token in self.bos:
-            input_ids[pos] = token
-            pos += 1
-        spans = r.label_spans
-        for token, (start, _end) in zip(ids, offsets):
-            if token == self.image_token_id:
-                input_ids[pos:pos + self.num_visual_tokens] = token
-                pos += self.num_visual_tokens
-                continue
-            input_ids[pos] = token
-            if any(s <= start < e for s, e in spans):
-                labels[pos] = token
-            pos += 1
-        if not (labels != IGNORE_INDEX).any():
+        starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+        in_answer = np.zeros(len(tokens), dtype=bool)
+        for span_start, span_end in r.label_spans:
+            in_answer |= (starts >= span_start) & (starts < span_end)
+        labelled = np.where(in_answer & ~is_image, tokens, IGNORE_INDEX)
+        if not in_answer.any():
             raise EmptyAnswerError("no assistant token left to learn from")
-        return {"input_ids": input_ids, "labels": labels}
+        repeats = np.where(is_image, self.num_visual_tokens, 1)
+        bos = np.asarray(self.bos, dtype=np.int64)
+        return {
+            "input_ids": np.concatenate([bos, np.repeat(tokens, repeats)]),
+            "labels": np.concatenate([np.full(len(bos), IGNORE_INDEX, dtype=np.int64), np.repeat(labelled, repeats)]),
+        }
 
 
 def encode_conversation(

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
+import socket
 import sys
 import tarfile
 import tempfile
@@ -90,17 +92,14 @@ class RssSampler:
 
 
 def start_s3() -> tuple[object, str]:
-    import socket
-
+    """A real S3 endpoint (moto) on a free 127.0.0.1 port, with fake credentials in the environment."""
     from moto.server import ThreadedMotoServer
 
     os.environ.update(FAKE_CREDENTIALS)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server, f"http://127.0.0.1:{port}"

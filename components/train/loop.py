@@ -1,0 +1,265 @@
+"""The per-worker training function of both stages (Ray Train + DeepSpeed).
+
+Data order is what makes runs reproducible across worker counts: each worker
+reads the global record stream in manifest order and keeps the records whose
+index is its rank modulo the world size (see `components.data.pipeline`). One
+optimizer step then always covers global records [s*G, (s+1)*G), and the loss
+is the mean over samples of each sample's token-mean cross-entropy, so the
+step's loss and gradient do not depend on how the batch was split.
+
+Resume: checkpoints hold the trainable weights, optimizer, scheduler and the
+step; a restarted worker loads them and skips the micro-batches already consumed
+in the current epoch, so no optimizer step is repeated or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from components.config import PipelineConfig, StageConfig, config_from_dict
+from components.data.pipeline import make_collate
+from components.model.mllm import build_model, parameter_groups, save_stage_artifact, trainable_state_dict
+from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
+
+log = logging.getLogger("duet.train")
+
+PROGRESS_FILE = "progress.json"
+CHECKPOINT_TAG = "state"
+
+
+@dataclass
+class LoopSettings:
+    """Everything a worker needs, shipped as plain data in `train_loop_config`."""
+
+    config: dict[str, Any]
+    stage: int
+    num_train_samples: int
+    artifact_uri: str
+    data_digest: str | None = None
+    stage1_artifact: str | None = None
+    use_gpu: bool = False
+    train_dataset: str = "train"
+    val_dataset: str | None = None  # datasets are named "{name}_{rank}": one deterministic stream per worker
+    metrics_sink: Any = None
+    processor_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stage_config(cfg: PipelineConfig, stage: int) -> StageConfig:
+    return cfg.stage1 if stage == 1 else cfg.stage2
+
+
+def total_steps(stage_cfg: StageConfig, num_samples: int) -> int:
+    """Optimizer steps: `max_steps`, else epochs over the data (incomplete last global batch dropped)."""
+    if stage_cfg.max_steps:
+        return stage_cfg.max_steps
+    per_epoch = num_samples // stage_cfg.global_batch
+    if per_epoch == 0:
+        raise ValueError(
+            f"{stage_cfg.name}: {num_samples} training samples do not fill one global batch of "
+            f"{stage_cfg.global_batch}; lower {stage_cfg.name}.global_batch or add data"
+        )
+    return max(1, math.ceil(stage_cfg.epochs * per_epoch))
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> Any:
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to zero (LLaVA's schedule)."""
+    warmup = math.ceil(steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over samples of each sample's mean next-token loss; also the label-token count."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.clamp_min(0).reshape(-1), reduction="none"
+    ).view_as(shift_labels)
+    counts = mask.sum(dim=1)
+    sample_loss = (token_loss * mask).sum(dim=1) / counts.clamp_min(1)
+    return sample_loss[counts > 0].mean() if bool((counts > 0).any()) else sample_loss.sum() * 0.0, mask.sum()
+
+
+def _forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = batch["pixel_values"]
+    out = engine(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        pixel_values=pixels if pixels.shape[0] else None,  # a batch of text-only samples has no images
+    )
+    return per_sample_loss(out.logits, batch["labels"])
+
+
+def _all_mean(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
+def _save_checkpoint(engine: Any, step: int, metrics: dict[str, float]) -> None:
+    """DeepSpeed state (trainable weights only) + progress, reported through Ray Train on every rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+        Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine: Any) -> int:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        engine.load_checkpoint(
+            path, tag=CHECKPOINT_TAG, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        step = json.loads(Path(path, PROGRESS_FILE).read_text())["step"]
+    log.info("resumed from checkpoint at step %d", step)
+    return step
+
+
+def _batches(dataset_name: str, plan: BatchPlan, collate: Any):
+    shard = ray.train.get_dataset_shard(dataset_name)
+    return shard.iter_torch_batches(batch_size=plan.micro_batch, collate_fn=collate, drop_last=True, prefetch_batches=2)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _validation_loss(engine: Any, dataset_name: str, plan: BatchPlan, collate: Any, max_batches: int) -> float:
+    engine.eval()
+    losses = []
+    with torch.no_grad():
+        for i, batch in enumerate(_batches(dataset_name, plan, collate)):
+            if i >= max_batches:
+                break
+            losses.append(_forward_loss(engine, _to_device(batch, engine.device))[0].item())
+    engine.train()
+    total, count = _all_mean([sum(losses), float(len(losses))], engine.device)
+    return total / max(count, 1.0)
+
+
+def _gather_trainable(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Complete trainable weights on every rank; under ZeRO-3 they are gathered from their shards first."""
+    module = engine.module
+    if zero_stage == 3:
+        params = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return trainable_state_dict(module)
+    return trainable_state_dict(module)
+
+
+def train_loop_per_worker(raw: dict[str, Any]) -> None:
+    """Build, (resume,) train and checkpoint one stage on this worker."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = LoopSettings(**raw)
+    cfg = config_from_dict(settings.config)
+    stage_cfg = stage_config(cfg, settings.stage)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    plan = plan_batch(stage_cfg, world)
+    steps = total_steps(stage_cfg, settings.num_train_samples)
+    steps_per_epoch = max(1, settings.num_train_samples // stage_cfg.global_batch)
+    precision = resolve_precision(cfg.deepspeed, settings.use_gpu)
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, settings.stage, settings.stage1_artifact)
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage_cfg), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = cosine_with_warmup(optimizer, steps, stage_cfg.warmup_ratio)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_deepspeed_config(cfg.deepspeed, plan, precision),
+    )
+    step = _restore(engine)
+    collate = make_collate(settings.processor_dir, cfg.storage)
+    if rank == 0:
+        log.info(
+            "%s: %d steps, global batch %d = %d workers x micro %d x accumulation %d, precision %s, ZeRO-%d",
+            stage_cfg.name, steps, plan.global_batch, world, plan.micro_batch, plan.accumulation, precision,
+            cfg.deepspeed.zero_stage,
+        )
+
+    engine.train()
+    started, window_start = time.perf_counter(), time.perf_counter()
+    done_at_start = step
+    window_loss, window_tokens, window_samples = 0.0, 0, 0
+    while step < steps:
+        skip = (step % steps_per_epoch) * plan.accumulation  # micro-batches of this epoch already consumed
+        for index, batch in enumerate(_batches(f"{settings.train_dataset}_{rank}", plan, collate)):
+            if index < skip:
+                continue
+            batch = _to_device(batch, engine.device)
+            loss, _ = _forward_loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.item() / plan.accumulation
+            window_tokens += int(batch["attention_mask"].sum())
+            window_samples += batch["input_ids"].shape[0]
+            if (index + 1) % plan.accumulation:
+                continue
+            step += 1
+            now = time.perf_counter()
+            loss_mean, tokens_total, samples_total = _all_mean(
+                [window_loss, float(window_tokens), float(window_samples)], engine.device
+            )
+            elapsed = now - window_start
+            rate = (step - done_at_start) / max(now - started, 1e-9)
+            metrics = {
+                "step": step, "total_steps": steps, "epoch": (step - 1) // steps_per_epoch,
+                "loss": loss_mean,
+                "lr_projector_vce": optimizer.param_groups[0]["lr"],
+                "lr_adapter": optimizer.param_groups[-1]["lr"] if len(optimizer.param_groups) > 1 else 0.0,
+                "tokens_per_s": tokens_total * world / max(elapsed, 1e-9),
+                "samples_per_s": samples_total * world / max(elapsed, 1e-9),
+                "step_time_s": elapsed,
+                "eta_s": (steps - step) / max(rate, 1e-9),
+            }
+            if settings.val_dataset and (step % stage_cfg.checkpoint_every == 0 or step == steps):
+                metrics["val_loss"] = _validation_loss(
+                    engine, f"{settings.val_dataset}_{rank}", plan, collate, max_batches=8
+                )
+            if rank == 0 and step % stage_cfg.log_every == 0:
+                log.info(
+                    "%s step %d/%d loss %.4f tokens/s %.0f eta %.0fs", stage_cfg.name, step, steps,
+                    metrics["loss"], metrics["tokens_per_s"], metrics["eta_s"],
+                )
+            if rank == 0 and settings.metrics_sink is not None:
+                settings.metrics_sink.push.remote(settings.stage, metrics)
+            if step % stage_cfg.checkpoint_every == 0 or step == steps:
+                _save_checkpoint(engine, step, metrics)
+            else:
+                ray.train.report(metrics)
+            window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+            if step >= steps or step % steps_per_epoch == 0:
+                break  # done, or the epoch's complete global batches are used up
+    state = _gather_trainable(engine, cfg.deepspeed.zero_stage)
+    if rank == 0:
+        save_stage_artifact(engine.module, cfg, settings.stage, settings.artifact_uri, settings.data_digest, state)
+        log.info("%s artifact written to %s", stage_cfg.name, settings.artifact_uri)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,182 @@
+"""Run one stage as a Ray Train `TorchTrainer`; the same code from 2 CPU workers to a GPU cluster.
+
+Per-step metrics travel from rank 0 to a small actor that the driver drains while
+the trainer runs, so they reach MLflow live and through the driver (workers never
+need access to the tracking server).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from components import storage
+from components.config import PipelineConfig
+from components.data.pipeline import build_dataset
+from components.model.mllm import check_compatible
+from components.train.loop import LoopSettings, stage_config, train_loop_per_worker
+
+log = logging.getLogger("duet.stage")
+
+
+@dataclass(frozen=True)
+class StageData:
+    """The shard sets a stage reads and what the model side needs to preprocess them."""
+
+    train_uri: str
+    num_train_samples: int
+    digest: str
+    processor_dir: str
+    num_visual_tokens: int
+    val_uri: str | None = None
+
+
+@dataclass
+class StageResult:
+    artifact_uri: str
+    run_name: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_path: str | None = None
+
+
+@ray.remote(num_cpus=0)
+class MetricsSink:
+    """Buffers rank 0's per-step metrics until the driver drains them."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+
+    def push(self, stage: int, metrics: dict[str, Any]) -> None:
+        self._rows.append({"stage": stage, **metrics})
+
+    def drain(self) -> list[dict[str, Any]]:
+        rows, self._rows = self._rows, []
+        return rows
+
+
+def resolve_use_gpu(cfg: PipelineConfig) -> bool:
+    """`auto` trains on GPUs when the cluster has any (the head may have none: ask the cluster)."""
+    if cfg.scaling.use_gpu != "auto":
+        return bool(cfg.scaling.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def storage_root(cfg: PipelineConfig) -> str:
+    """Where Ray Train keeps checkpoints and stages keep artifacts: scaling.storage_path or the work dir."""
+    return cfg.scaling.storage_path or os.path.join(os.path.abspath(cfg.run.work_dir), "runs")
+
+
+def artifact_uri(cfg: PipelineConfig, stage: int) -> str:
+    return storage.join(storage_root(cfg), cfg.run.name, stage_config(cfg, stage).name, "artifact")
+
+
+def trainer_run_name(cfg: PipelineConfig, stage: int) -> str:
+    """Stable per run and stage: re-running the same name resumes from its latest checkpoint."""
+    return f"{cfg.run.name}-{stage_config(cfg, stage).name}"
+
+
+def worker_datasets(cfg: PipelineConfig, data: StageData, world: int) -> dict[str, ray.data.Dataset]:
+    """One deterministic stream per worker: rank r keeps global records r, r+W, r+2W, ..."""
+    datasets = {}
+    for rank in range(world):
+        datasets[f"train_{rank}"] = build_dataset(
+            data.train_uri, cfg, data.processor_dir, data.num_visual_tokens, shard_index=rank, num_shards=world
+        )
+        if data.val_uri:
+            datasets[f"val_{rank}"] = build_dataset(
+                data.val_uri, cfg, data.processor_dir, data.num_visual_tokens, shard_index=rank, num_shards=world
+            )
+    return datasets
+
+
+def run_stage(
+    cfg: PipelineConfig,
+    stage: int,
+    data: StageData,
+    stage1_artifact: str | None = None,
+    on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
+    run_name: str | None = None,
+    artifact: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> StageResult:
+    """Train one stage to completion (resuming if a run of the same name exists) and write its artifact.
+
+    `run_name` and `artifact` override the stable defaults (Tune trials use their own); `callbacks`
+    are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when the stage runs inside a trial.
+    """
+    if stage == 2:
+        if stage1_artifact is None:
+            raise ValueError("stage 2 needs the stage-1 artifact URI (run stage 1 first, or pass --stage1-artifact)")
+        check_compatible(cfg, stage1_artifact)
+    use_gpu = resolve_use_gpu(cfg)
+    world = cfg.scaling.num_workers
+    name = run_name or trainer_run_name(cfg, stage)
+    out_uri = artifact or artifact_uri(cfg, stage)
+    fs, root = storage.resolve(storage_root(cfg), cfg.storage)
+    sink = MetricsSink.remote()
+    settings = LoopSettings(
+        config=cfg.model_dump(mode="json"), stage=stage, num_train_samples=data.num_train_samples,
+        artifact_uri=out_uri, data_digest=data.digest, stage1_artifact=stage1_artifact, use_gpu=use_gpu,
+        train_dataset="train", val_dataset="val" if data.val_uri else None, metrics_sink=sink,
+        processor_dir=data.processor_dir,
+    )
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=settings.to_dict(),
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=root, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks or None,
+        ),
+        datasets=worker_datasets(cfg, data, world),
+        # Not split by Ray: every worker reads its own deterministic stream, in order.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    history: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def drain() -> None:
+        rows = ray.get(sink.drain.remote())
+        for row in rows:
+            if history and row["step"] <= history[-1]["step"]:
+                # A replaced worker group resumed from the last checkpoint: later steps were rolled back.
+                log.warning("resumed at step %d: dropping %d rolled-back steps", row["step"] - 1,
+                            sum(h["step"] >= row["step"] for h in history))
+                history[:] = [h for h in history if h["step"] < row["step"]]
+            history.append(row)
+        if rows and on_metrics is not None:
+            on_metrics(rows)
+
+    def pump() -> None:
+        while not stop.wait(2.0):
+            drain()
+
+    pumper = threading.Thread(target=pump, name="duet-metrics", daemon=True)
+    pumper.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        pumper.join()
+        drain()
+        ray.kill(sink)
+    if result.error is not None:
+        raise result.error
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return StageResult(out_uri, name, dict(result.metrics or {}), history, checkpoint)

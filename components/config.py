@@ -201,6 +201,10 @@ class StageConfig(Section):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs when set.")
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
     checkpoint_every: PositiveInt = 50
+    eval_every: PositiveInt | None = Field(
+        None, description="Validation-loss interval in steps (default: checkpoint_every); needs a validation split."
+    )
+    eval_batches: PositiveInt = Field(8, description="Micro-batches per worker in each validation pass.")
     log_every: PositiveInt = 1
 
 

@@ -204,6 +204,11 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
             cfg.deepspeed.zero_stage,
         )
 
+    val_name = f"{settings.val_dataset}_{rank}" if settings.val_dataset else None
+    eval_every = stage_cfg.eval_every or stage_cfg.checkpoint_every
+    # Validated before the first step too, so every report carries a val_loss (schedulers such as ASHA need it).
+    val_loss = _validation_loss(engine, val_name, plan, collate, stage_cfg.eval_batches) if val_name else None
+
     engine.train()
     started, window_start = time.perf_counter(), time.perf_counter()
     done_at_start = step
@@ -239,10 +244,10 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
                 "step_time_s": elapsed,
                 "eta_s": (steps - step) / max(rate, 1e-9),
             }
-            if settings.val_dataset and (step % stage_cfg.checkpoint_every == 0 or step == steps):
-                metrics["val_loss"] = _validation_loss(
-                    engine, f"{settings.val_dataset}_{rank}", plan, collate, max_batches=8
-                )
+            if val_name is not None:
+                if step % eval_every == 0 or step == steps:
+                    val_loss = _validation_loss(engine, val_name, plan, collate, stage_cfg.eval_batches)
+                metrics["val_loss"] = val_loss
             if rank == 0 and step % stage_cfg.log_every == 0:
                 log.info(
                     "%s step %d/%d loss %.4f tokens/s %.0f eta %.0fs", stage_cfg.name, step, steps,

@@ -1,0 +1,87 @@
+"""Evaluate a stage artifact on a prepared split by batch generation on Ray Data (paper section 4.2 metrics).
+
+    python pipelines/evaluate.py --config pipelines/configs/demo.yaml [--model URI] [--baseline]
+        [--baseline-model URI|base] [--split test|validation] [--output samples.csv]
+
+--model defaults to this run's stage-2 artifact; --baseline also evaluates the zero-shot model
+(this run's stage-1 artifact, or --baseline-model; `base` means the bare base checkpoint) and prints
+both side by side. --output writes the per-sample table (.csv, .json or .jsonl) with a `model` column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from components.config import PipelineConfig, parse_cli  # noqa: E402
+from components.data.prepare import split_uri  # noqa: E402
+from components.data.shards import read_manifest  # noqa: E402
+from components.evaluate import (  # noqa: E402
+    EvalResult,
+    check_model_source,
+    check_table_path,
+    comparison_table,
+    evaluate,
+    write_table,
+)
+from components.train.stage import artifact_uri  # noqa: E402
+from components.workflow import init_ray, say  # noqa: E402
+
+BASE_MODEL = "base"
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="stage artifact URI to evaluate (default: this run's stage-2 artifact)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also evaluate the zero-shot model (before stage 2) and compare")
+    parser.add_argument("--baseline-model", metavar="URI|base",
+                        help="the baseline: a stage artifact URI, or 'base' for the bare base checkpoint "
+                             "(default: this run's stage-1 artifact); implies --baseline")
+    parser.add_argument("--split", choices=("test", "validation"), default="test", help="split to evaluate")
+    parser.add_argument("--output", help="write the per-sample table here (.csv, .json or .jsonl)")
+
+
+def models_to_evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, str | None]:
+    """Display name -> model source (None: the bare base checkpoint), baseline first."""
+    models: dict[str, str | None] = {}
+    if args.baseline or args.baseline_model:
+        chosen = args.baseline_model or artifact_uri(cfg, 1)
+        models["zero-shot"] = None if chosen == BASE_MODEL else chosen
+    models["fine-tuned"] = args.model or artifact_uri(cfg, 2)
+    return models
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, EvalResult]:
+    cfg, args = parse_cli(__doc__.splitlines()[0], argv, extra=_arguments)
+    if not cfg.model.checkpoint:
+        raise SystemExit("error: model.checkpoint is not set: evaluation needs the base checkpoint (its processor)")
+    try:
+        if args.output:
+            check_table_path(args.output)
+        split = split_uri(cfg.data, args.split)
+        read_manifest(split, cfg.storage)
+        models = models_to_evaluate(cfg, args)
+        for source in models.values():
+            check_model_source(cfg, source)
+        init_ray(cfg)
+        results: dict[str, EvalResult] = {}
+        for name, source in models.items():
+            say(f"evaluate {name}: {source or 'base checkpoint ' + cfg.model.checkpoint} on {split}")
+            results[name] = evaluate(cfg, source, split, cfg.model.checkpoint)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: say what and how to fix, no traceback
+        raise SystemExit(f"error: {exc}") from None
+    print(comparison_table(results))
+    if args.output:
+        table = pd.concat([r.per_sample.assign(model=name) for name, r in results.items()], ignore_index=True)
+        say(f"per-sample table: {write_table(table, args.output)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -193,6 +193,9 @@ def save_tiny_checkpoint(
     processor = build_processor(tiny, build_tokenizer(tiny.vocab_size, texts))
     model = LlavaForConditionalGeneration(tiny_llava_config(tiny, processor.tokenizer))
     warm_up_language_model(model, processor.tokenizer, list(texts), tiny.warmup_steps, seed)
+    # Batched calls leave truncation/padding switched on in the fast tokenizer; never save them with it.
+    processor.tokenizer.backend_tokenizer.no_truncation()
+    processor.tokenizer.backend_tokenizer.no_padding()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -238,22 +238,49 @@ class TrackingConfig(Section):
 
 
 class SearchSpace(Section):
+    """What a sweep samples: adapter rank and alpha/r (choices), stage-2 learning rates (log-uniform)."""
+
     r: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
     alpha_over_r: list[PositiveFloat] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
     adapter_lr: tuple[PositiveFloat, PositiveFloat] = (5e-5, 1e-3)
     lr: tuple[PositiveFloat, PositiveFloat] = (5e-6, 1e-4)
+
+    @field_validator("adapter_lr", "lr")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"must be [low, high] with low <= high (got [{value[0]}, {value[1]}])")
+        return value
+
+
+# Per-step training metrics a sweep can rank trials by (reported by components/train/loop.py).
+TUNE_METRICS = ("val_loss", "loss", "tokens_per_s", "samples_per_s")
 
 
 class TuneConfig(Section):
     enabled: bool = False
     num_samples: PositiveInt = 8
     search: Literal["random", "optuna"] = "random"
+    seed: int | None = Field(None, description="Seed of the search algorithm's sampler (default: run.seed).")
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
-    max_concurrent: PositiveInt | None = None
+    max_concurrent: PositiveInt | None = Field(
+        None, description="Cap on concurrent trials (always also bounded by what the cluster holds)."
+    )
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    trial_driver_cpus: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.1, description="CPUs each trial's driver reserves (it only coordinates; its training workers reserve "
+                         "their own)."
+    )
     space: SearchSpace = SearchSpace()
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in TUNE_METRICS:
+            raise ValueError(f"must be one of the per-step training metrics {', '.join(TUNE_METRICS)}")
+        return value
 
 
 class EvalConfig(Section):
@@ -307,6 +334,23 @@ class PipelineConfig(Section):
             if index == 0 or not -layers <= index <= layers:
                 raise ValueError(f"{key} = {index} is outside the vision tower ({layers} layers): allowed {allowed}")
         return self
+
+    def with_absolute_paths(self) -> PipelineConfig:
+        """Local paths made absolute, so Ray workers (which run in other directories) find the same files."""
+        def fix(value: str | None) -> str | None:
+            if not value or "://" in value:
+                return value
+            return os.path.abspath(value)
+
+        return self.model_copy(update={
+            "run": self.run.model_copy(update={"work_dir": fix(self.run.work_dir)}),
+            "data": self.data.model_copy(update={
+                "root": fix(self.data.root), "input": fix(self.data.input), "image_root": fix(self.data.image_root),
+                "caption_input": fix(self.data.caption_input),
+            }),
+            "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)}),
+            "scaling": self.scaling.model_copy(update={"storage_path": fix(self.scaling.storage_path)}),
+        })
 
     def hash(self) -> str:
         """Stable digest of the resolved config, used to recognise already-done work."""
@@ -414,7 +458,7 @@ def parse_cli(
         extra(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides).with_absolute_paths()
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
     return cfg, args

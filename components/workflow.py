@@ -191,6 +191,7 @@ def run_single_stage(
     progress: Callable[[str], None] = say,
 ) -> StepOutcome:
     """What pipelines/pretrain.py and finetune.py run: data, base model, one tracked stage."""
+    cfg = cfg.with_absolute_paths()
     init_ray(cfg)
     tracker = Tracker(cfg.tracking, cfg.run.work_dir)
     tracker.check_reachable()
@@ -206,3 +207,167 @@ def run_single_stage(
             if found is not None:
                 stage1.run_id = found.info.run_id
         return tracked_stage(cfg, tracker, parent, stage, data, stage1)
+
+
+# ---------------------------------------------------------------- the full pipeline
+
+
+TAG_MODEL_URI = "duet.artifact.model"
+
+
+@dataclass
+class Summary:
+    """What the full pipeline did: for the closing table and for tests."""
+
+    steps: list[tuple[str, str, str]]  # (step, reused|ran, detail)
+    parent_run_id: str = ""
+    stage1: StepOutcome | None = None
+    stage2: StepOutcome | None = None
+    evaluations: dict[str, Any] | None = None
+    model_version: str | None = None
+    decision: Any = None
+    best_config: str | None = None
+
+    def record(self, step: str, reused: bool, detail: str) -> None:
+        self.steps.append((step, "reused" if reused else "ran", detail))
+
+
+def plan_text(cfg: PipelineConfig) -> str:
+    """The steps full.py will take, printed before any work."""
+    sweep = f"sweep ({cfg.tune.num_samples} trials, {cfg.tune.search}, ASHA on {cfg.tune.metric})" \
+        if cfg.tune.enabled else "sweep: off (tune.enabled=false)"
+    lines = [
+        f"run {cfg.run.name!r}: {cfg.model.arch} model, adapter {cfg.adapter.type} r={cfg.adapter.r} "
+        f"alpha={cfg.adapter.alpha}, VCE {'on' if cfg.vce.enabled else 'off'}, "
+        f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}",
+        f"  1. data      {cfg.data.source} -> {split_uri(cfg.data, 'train').rsplit('/', 1)[0]}",
+        f"  2. base      {cfg.model.checkpoint}",
+        f"  3. stage 1   VCE + projector, lr {cfg.stage1.lr}, global batch {cfg.stage1.global_batch}",
+        f"  4. {sweep}",
+        f"  5. stage 2   + {cfg.adapter.type}, adapter lr {cfg.stage2.adapter_lr}, lr {cfg.stage2.lr}, "
+        f"global batch {cfg.stage2.global_batch}",
+        "  6. evaluate  fine-tuned and zero-shot (stage-1 model) on the test split",
+        f"  7. register  {cfg.registry.model_name}, promote to @{cfg.registry.alias} if {cfg.registry.metric} "
+        f"beats it ({cfg.registry.direction}, margin {cfg.registry.min_margin})",
+    ]
+    return "\n".join(lines)
+
+
+def tracked_evaluation(
+    cfg: PipelineConfig, tracker: Tracker, parent_run_id: str, name: str, model_uri: str, base_dir: str,
+    test: SplitResult, lineage: StepOutcome,
+) -> tuple[str, Any, bool]:
+    """Evaluate one model on the test split as a child run; reused when the same model and data were scored."""
+    from components.evaluate import EvalResult, evaluate, write_table
+
+    digest = step_hash(cfg, "evaluate", model=model_uri, data=test.manifest.digest)
+    done = tracker.find_run({TAG_STEP: f"evaluate-{name}", TAG_STEP_HASH: digest})
+    if done is not None:
+        say(f"evaluate {name}: reused run {done.info.run_id}")
+        metrics = {k: v for k, v in done.data.metrics.items()}
+        return done.info.run_id, EvalResult(metrics=metrics, per_sample=None, counts={}), True  # type: ignore[arg-type]
+    with tracker.child_run("evaluation", f"evaluate-{name}", parent_run_id, tags={TAG_STEP_HASH: digest}) as run_id:
+        tracker.log_dataset(run_id, f"{cfg.data.name}/test", test.uri, test.manifest.digest, context="evaluation")
+        tracker.set_tags(run_id, {"duet.evaluated_model": model_uri, "duet.model_stage_run_id": lineage.run_id})
+        say(f"evaluate {name}: generating on {min(test.manifest.count, cfg.eval.max_samples or 10**12)} samples")
+        result = evaluate(cfg, model_uri, test.uri, base_dir)
+        tracker.log_metrics(run_id, result.metrics)
+        tracker.log_metrics(run_id, {f"count/{k}": float(v) for k, v in result.counts.items()})
+        table_path = os.path.join(cfg.run.work_dir, "eval", f"{name}-{digest}.csv")
+        os.makedirs(os.path.dirname(table_path), exist_ok=True)
+        write_table(result.per_sample, table_path)
+        tracker.client.log_artifact(run_id, table_path, "predictions")
+        return run_id, result, False
+
+
+def register_and_promote(cfg: PipelineConfig, tracker: Tracker, stage2: StepOutcome, metrics: dict[str, float],
+                         summary: Summary) -> None:
+    """Package the fine-tuned model into its stage-2 run (once), register a version (once), run the gate."""
+    from components.packaging import log_pyfunc
+    from components.registry import Registry
+
+    registry = Registry(tracker, cfg.registry)
+    existing = tracker.client.search_model_versions(
+        f"name='{cfg.registry.model_name}' and run_id='{stage2.run_id}'"
+    )
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+        say(f"register: reused {cfg.registry.model_name} version {version.version}")
+        summary.record("register", True, f"version {version.version}")
+    else:
+        run = tracker.client.get_run(stage2.run_id)
+        if TAG_MODEL_URI not in run.data.tags:
+            model_uri = log_pyfunc(cfg, stage2.artifact_uri, stage2.run_id)
+            tracker.set_tags(stage2.run_id, {TAG_MODEL_URI: model_uri})
+        version = registry.register(stage2.run_id, "model", metrics=metrics)
+        say(f"register: {cfg.registry.model_name} version {version.version}")
+        summary.record("register", False, f"version {version.version}")
+    summary.model_version = str(version.version)
+    decision = registry.promote(version.version)
+    summary.decision = decision
+    summary.record("promote", False, str(decision))
+    say(f"promote: {decision}")
+
+
+def run_full(cfg: PipelineConfig) -> Summary:
+    """Data -> stage 1 -> (sweep) -> stage 2 -> evaluate (fine-tuned and zero-shot) -> register -> promote."""
+    from components.evaluate import comparison_table
+
+    cfg = cfg.with_absolute_paths()
+    say("plan:\n" + plan_text(cfg))
+    tracker = Tracker(cfg.tracking, cfg.run.work_dir)
+    tracker.check_reachable()  # before any training: a tracking outage must not cost a stage
+    init_ray(cfg)
+    summary = Summary(steps=[])
+    splits = ensure_dataset(cfg)
+    summary.record("data", all(s.reused for s in splits.values()),
+                   ", ".join(f"{k}={v.manifest.count}" for k, v in splits.items()))
+    base_dir = ensure_base_model(cfg, splits)
+    summary.record("base model", True, base_dir)
+    if "test" not in splits:
+        raise ValueError("the dataset has no test split: set data.test_fraction > 0 to evaluate before promotion")
+    with tracker.parent_run(cfg.run.name, tags={TAG_CONFIG_HASH: cfg.hash()}) as parent:
+        summary.parent_run_id = parent
+        tracker.log_config(parent, cfg)
+        stage1 = tracked_stage(cfg, tracker, parent, 1, stage_data(cfg, 1, base_dir))
+        summary.stage1 = stage1
+        summary.record("stage 1", stage1.reused, f"run {stage1.run_id}")
+        cfg2 = cfg
+        if cfg.tune.enabled:
+            from components.tune import apply_best, sweep
+
+            result = sweep(cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent)
+            summary.best_config = result.best_config_path
+            cfg2 = apply_best(cfg, result.best_params)
+            summary.record("sweep", False, f"best config {result.best_config_path}")
+        stage2 = tracked_stage(cfg2, tracker, parent, 2, stage_data(cfg2, 2, base_dir), stage1=stage1)
+        summary.stage2 = stage2
+        summary.record("stage 2", stage2.reused, f"run {stage2.run_id}")
+        evaluations = {}
+        for name, outcome in (("zero-shot", stage1), ("fine-tuned", stage2)):
+            run_id, result, reused = tracked_evaluation(
+                cfg2, tracker, parent, name, outcome.artifact_uri, base_dir, splits["test"], outcome
+            )
+            evaluations[name] = result
+            summary.record(f"evaluate {name}", reused, f"run {run_id}, score {result.metrics.get('score', 0):.2f}")
+        summary.evaluations = evaluations
+        register_and_promote(cfg2, tracker, stage2, evaluations["fine-tuned"].metrics, summary)
+        tracker.set_tags(parent, {"duet.stage1_run_id": stage1.run_id, "duet.stage2_run_id": stage2.run_id})
+    say("metrics on the held-out test split:\n" + comparison_table(evaluations))
+    say("summary:\n" + summary_text(cfg2, summary, tracker))
+    return summary
+
+
+def summary_text(cfg: PipelineConfig, summary: Summary, tracker: Tracker) -> str:
+    width = max(len(step) for step, _, _ in summary.steps)
+    lines = [f"  {step.ljust(width)}  {state:<6}  {detail}" for step, state, detail in summary.steps]
+    if summary.stage1 and summary.stage2:
+        lines += [f"  stage-1 artifact: {summary.stage1.artifact_uri}",
+                  f"  stage-2 artifact: {summary.stage2.artifact_uri}"]
+    if summary.decision is not None:
+        verdict = "promoted" if summary.decision.promoted else "not promoted"
+        lines.append(f"  {cfg.registry.model_name} v{summary.model_version}: {verdict}: {summary.decision.reason}")
+    lines.append(f"  parent run {summary.parent_run_id} in {tracker.safe_uri}")
+    if tracker.uri.startswith("sqlite:"):
+        lines.append(f"  browse it: mlflow ui --backend-store-uri {tracker.uri}")
+    return "\n".join(lines)

@@ -99,9 +99,16 @@ def is_secret_name(name: str) -> bool:
     return any(w in _SECRET_WORDS for w in words)
 
 
+# Shell variables whose names only look like credentials (PWD is the working directory, not a password).
+_NOT_SECRET_ENV = {"PWD", "OLDPWD"}
+
+
 def _env_secrets() -> list[str]:
     """Values of credential-named environment variables, so they can be masked wherever they turn up."""
-    values = {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= _MIN_ENV_SECRET}
+    values = {
+        v for k, v in os.environ.items()
+        if k not in _NOT_SECRET_ENV and is_secret_name(k) and len(v) >= _MIN_ENV_SECRET
+    }
     return sorted(values, key=len, reverse=True)
 
 

@@ -322,8 +322,9 @@ def run_full(cfg: PipelineConfig) -> Summary:
     splits = ensure_dataset(cfg)
     summary.record("data", all(s.reused for s in splits.values()),
                    ", ".join(f"{k}={v.manifest.count}" for k, v in splits.items()))
+    base_existed = os.path.isfile(os.path.join(storage.resolve(cfg.model.checkpoint or ".")[1], "config.json"))
     base_dir = ensure_base_model(cfg, splits)
-    summary.record("base model", True, base_dir)
+    summary.record("base model", base_existed, base_dir)
     if "test" not in splits:
         raise ValueError("the dataset has no test split: set data.test_fraction > 0 to evaluate before promotion")
     with tracker.parent_run(cfg.run.name, tags={TAG_CONFIG_HASH: cfg.hash()}) as parent:

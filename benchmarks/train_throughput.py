@@ -1,0 +1,130 @@
+"""Stage-2 training throughput: the full Ray Data -> Ray Train -> DeepSpeed path against a bare PyTorch loop.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 24] [--workers 2] [--json PATH] [--quick]
+
+Same tiny LLaVA (Dual-LoRA + VCE), same data, same global batch, same machine. The
+bare loop trains one process (all cores as torch threads) on micro-batches that were
+preprocessed and collated into memory beforehand, so it measures the model alone.
+The pipeline streams the shards through decoding, tokenisation and the CLIP transform
+on Ray Data while DeepSpeed trains on `--workers` Ray Train workers. Both count the
+same tokens (attention-mask ones) over the steps after `--skip` warm-up steps.
+Overhead = 1 - pipeline tokens/s / bare tokens/s; the target is <= 15% with 2 CPU workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import format_table, machine, write_json  # noqa: E402
+from components.config import PipelineConfig, load_config  # noqa: E402
+from components.data.pipeline import build_dataset, make_collate  # noqa: E402
+from components.model.mllm import build_model, parameter_groups, save_stage_artifact  # noqa: E402
+from components.train.loop import per_sample_loss  # noqa: E402
+from components.train.stage import StageData, run_stage  # noqa: E402
+from components.workflow import ensure_base_model, ensure_dataset, init_ray, stage_data  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_config(work: Path, args: argparse.Namespace) -> PipelineConfig:
+    return load_config(REPO / "pipelines/configs/demo.yaml", [
+        f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
+        "run.name=throughput", f"data.num_records={args.records}", "data.caption_records=50",
+        "data.records_per_shard=200", "model.tiny.warmup_steps=0", "data.val_fraction=0",
+        "data.test_fraction=0.02", f"scaling.num_workers={args.workers}", f"stage2.global_batch={args.global_batch}",
+        f"stage2.micro_batch={args.micro_batch}", f"stage2.max_steps={args.steps}",
+        f"stage2.checkpoint_every={args.steps}",
+    ])
+
+
+def pipeline_tokens_per_s(cfg: PipelineConfig, data: StageData, stage1: str, skip: int) -> float:
+    result = run_stage(cfg, 2, data, stage1_artifact=stage1, artifact=str(Path(cfg.run.work_dir) / "s2"))
+    rows = [r for r in result.history if r["step"] > skip]
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows)
+    return tokens / sum(r["step_time_s"] for r in rows)
+
+
+def bare_tokens_per_s(cfg: PipelineConfig, data: StageData, stage1: str, steps: int, skip: int) -> float:
+    """Plain PyTorch AdamW on pre-collated micro-batches: the model's own speed on this machine."""
+    stage = cfg.stage2
+    accumulation = stage.global_batch // stage.micro_batch
+    needed = steps * stage.global_batch
+    rows = build_dataset(data.train_uri, cfg, data.processor_dir, data.num_visual_tokens).take(needed)
+    collate = make_collate(data.processor_dir, cfg.storage)
+    batches = []
+    for start in range(0, needed, stage.micro_batch):
+        chunk = rows[start:start + stage.micro_batch]
+        batches.append(collate({k: [r[k] for r in chunk] for k in ("input_ids", "labels", "pixel_values")}))
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, 2, stage1)
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage))
+    tokens, elapsed = 0, 0.0
+    for step in range(steps):
+        started = time.perf_counter()
+        step_tokens = 0
+        for batch in batches[step * accumulation:(step + 1) * accumulation]:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"])
+            (per_sample_loss(out.logits, batch["labels"])[0] / accumulation).backward()
+            step_tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= skip:
+            tokens += step_tokens
+            elapsed += time.perf_counter() - started
+    return tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--skip", type=int, default=4, help="warm-up steps left out of the rate")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--records", type=int, default=1200)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="smoke-test size")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.skip, args.records = 4, 1, 200
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    with tempfile.TemporaryDirectory(prefix="duet-bench-") as tmp:
+        work = Path(tmp)
+        cfg = bench_config(work, args).with_absolute_paths()
+        init_ray(cfg)
+        base = ensure_base_model(cfg, ensure_dataset(cfg))
+        data = stage_data(cfg, 2, base)
+        stage1 = str(work / "stage1")
+        torch.manual_seed(0)
+        save_stage_artifact(build_model(cfg, 1), cfg, 1, stage1, data_digest=None)
+        bare = bare_tokens_per_s(cfg, data, stage1, args.steps, args.skip)
+        piped = pipeline_tokens_per_s(cfg, data, stage1, args.skip)
+        ray.shutdown()
+    overhead = 1 - piped / bare
+    print(format_table(
+        ["path", "tokens/s", "relative"],
+        [["bare PyTorch loop (in-memory batches)", round(bare, 1), 1.0],
+         [f"Ray Data -> Ray Train ({args.workers} workers) -> DeepSpeed", round(piped, 1), round(piped / bare, 3)]],
+    ))
+    print(f"pipeline overhead: {overhead:.1%} (target <= 15%)")
+    write_json(args.json, {
+        "bare_tokens_per_s": bare, "pipeline_tokens_per_s": piped, "overhead": overhead,
+        "settings": {k: v for k, v in vars(args).items() if k != "json"}, "machine": machine(),
+    })
+
+
+if __name__ == "__main__":
+    main()

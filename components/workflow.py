@@ -337,7 +337,8 @@ def run_full(cfg: PipelineConfig) -> Summary:
         if cfg.tune.enabled:
             from components.tune import apply_best, sweep
 
-            result = sweep(cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent)
+            result = sweep(cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent,
+                           stage1_run_id=stage1.run_id)
             summary.best_config = result.best_config_path
             cfg2 = apply_best(cfg, result.best_params)
             summary.record("sweep", False, f"best config {result.best_config_path}")

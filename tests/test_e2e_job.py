@@ -1,7 +1,8 @@
 """End to end as users run it: `ray start --head` on 127.0.0.1, then `ray job submit -- python pipelines/full.py`.
 
 The cluster runs with token auth on (Ray's default for `ray start --head`); the client
-passes RAY_AUTH_MODE=token. Only the head this test started is stopped.
+passes RAY_AUTH_MODE=token. The job tracks to a real `mlflow server` on 127.0.0.1.
+Only the head and the server this test started are stopped.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +70,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(head.pid, signal.SIGKILL)
 
 
-def _submit(address: str, work: Path) -> str:
+def _submit(address: str, work: Path, tracking_uri: str) -> str:
     overrides = [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
-        f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "run.name=e2e",
+        f"tracking.tracking_uri={tracking_uri}", "run.name=e2e", "registry.model_name=duet-e2e",
         "data.num_records=160", "data.caption_records=80", "data.records_per_shard=40",
         "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0",
         "stage1.global_batch=8", "stage1.micro_batch=2", "stage1.max_steps=3", "stage1.checkpoint_every=3",
@@ -84,19 +85,24 @@ def _submit(address: str, work: Path) -> str:
             "python", "pipelines/full.py", "--config", "pipelines/configs/demo.yaml"]
     for override in overrides:
         args += ["--set", override]
-    done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=1500)
-    output = done.stdout + done.stderr
+    for _ in range(10):
+        done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=1500)
+        output = done.stdout + done.stderr
+        if "No available agent to submit job" not in output:
+            break
+        time.sleep(5)  # the head's job agent registers a little after its REST API answers
     assert done.returncode == 0, output[-6000:]
     assert re.search(r"Job '.*' succeeded", output), output[-3000:]
     return output
 
 
-def test_full_pipeline_through_ray_job_submit(ray_head: str, tmp_path: Path) -> None:
-    first = _submit(ray_head, tmp_path)
+def test_full_pipeline_through_ray_job_submit(
+    ray_head: str, mlflow_server: MlflowServer, tmp_path: Path  # noqa: F811
+) -> None:
+    first = _submit(ray_head, tmp_path, mlflow_server.uri)
     assert "promote:" in first
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    champion = client.get_model_version_by_alias("duet-demo", "champion")
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    champion = client.get_model_version_by_alias("duet-e2e", "champion")
     stage2 = client.get_run(champion.run_id)
     stage1_id = stage2.data.tags["duet.parent_stage_run_id"]
     stage1 = client.get_run(stage1_id)
@@ -107,7 +113,11 @@ def test_full_pipeline_through_ray_job_submit(ray_head: str, tmp_path: Path) -> 
     assert stage1_digest.startswith(stage1.inputs.dataset_inputs[0].dataset.digest)
     parent = client.get_run(stage2.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["duet.kind"] == "pipeline"
+    assert stage1.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.data.tags["duet.step"] for r in children} >= {"stage1", "stage2", "evaluate-zero-shot",
+                                                          "evaluate-fine-tuned"}
 
-    second = _submit(ray_head, tmp_path)
+    second = _submit(ray_head, tmp_path, mlflow_server.uri)
     assert re.search(r"data caption: \d+ records, digest \w+ \(reused\)", second), second[-3000:]
     assert "stage1: reused run " + stage1_id in second

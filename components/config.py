@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
+# Seeds reach numpy, torch, Ray and Optuna samplers; the narrowest of them (numpy's legacy RandomState) takes 32 bits.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 # Architecture presets whose sizes are known without reading a checkpoint.
 VISION_LAYERS_BY_ARCH = {"llava-1.5-7b": 24}
@@ -33,12 +36,12 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base for every section: unknown keys are refused instead of silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
     name: str = Field("duet", min_length=1, description="Stable run name; re-running a name resumes it.")
-    seed: int = 0
+    seed: Seed = 0
     work_dir: str = Field(".duet", description="Local folder for the embedded defaults (Ray storage, MLflow).")
 
 
@@ -61,7 +64,7 @@ class DataConfig(Section):
     num_records: PositiveInt = 2000
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    seed: int = 0
+    seed: Seed = 0
     records_per_shard: PositiveInt = 1000
     image_size: PositiveInt = Field(64, description="Side of the synthetic images in pixels.")
     conversation_template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
@@ -137,9 +140,15 @@ class ModelConfig(Section):
         if self.arch in VISION_LAYERS_BY_ARCH:
             return VISION_LAYERS_BY_ARCH[self.arch]
         cfg = Path(self.checkpoint or "") / "config.json"
-        if cfg.is_file():
-            return json.loads(cfg.read_text()).get("vision_config", {}).get("num_hidden_layers")
-        return None
+        try:
+            if not cfg.is_file():
+                return None
+            layers = json.loads(cfg.read_text()).get("vision_config", {}).get("num_hidden_layers")
+        except (OSError, ValueError, AttributeError) as exc:  # unreadable path, bad JSON, JSON not an object
+            raise ValueError(f"model.checkpoint: cannot read {str(cfg)[:200]!r} ({type(exc).__name__})") from None
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+            raise ValueError(f"model.checkpoint: {str(cfg)[:200]!r} has vision_config.num_hidden_layers {layers!r:.40}")
+        return layers
 
 
 class VCEConfig(Section):
@@ -261,7 +270,7 @@ class TuneConfig(Section):
     enabled: bool = False
     num_samples: PositiveInt = 8
     search: Literal["random", "optuna"] = "random"
-    seed: int | None = Field(None, description="Seed of the search algorithm's sampler (default: run.seed).")
+    seed: Seed | None = Field(None, description="Seed of the search algorithm's sampler (default: run.seed).")
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     max_concurrent: PositiveInt | None = Field(
@@ -321,6 +330,18 @@ class PipelineConfig(Section):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults_under_partial_sections(cls, data: Any) -> Any:
+        """A partial stage section (`--set stage1.lr=...` alone, or YAML with a few keys) keeps that stage's
+        own defaults (name, lr, global batch) instead of failing on `stage1.name: Field required`."""
+        if not isinstance(data, dict):
+            return data
+        for key, default in (("stage1", _stage1_default), ("stage2", _stage2_default)):
+            if isinstance(data.get(key), dict):
+                data = {**data, key: {**default().model_dump(), **data[key]}}
+        return data
+
     @model_validator(mode="after")
     def _layers_inside_vision_tower(self) -> PipelineConfig:
         layers = self.model.vision_layers()
@@ -360,42 +381,64 @@ class PipelineConfig(Section):
 # ---------------------------------------------------------------- loading
 
 
+# Bounded echo of a bad value: a 1 MB string or a deeply nested YAML value must not become the message.
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxdict, _ECHO.maxlist, _ECHO.maxtuple, _ECHO.maxset = 3, 6, 6, 6, 6
+_ECHO.maxstring, _ECHO.maxother, _ECHO.maxlong = 300, 120, 60
+
+
+def _echo(value: Any, limit: int = 300) -> str:
+    text = _ECHO.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_MAX_ERRORS = 12  # a list of 10 000 bad items is reported by its first few
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+    errors = err.errors()
+    for e in errors[:_MAX_ERRORS]:
+        key = ".".join(_key(p) for p in e["loc"]) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the README's config reference)"
-        elif e["type"] == "literal_error":
-            msg = f"{msg}"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
+            lines.append(f"  {key[:300]}: unknown key (check the spelling; see the README's config reference)")
+        else:
+            lines.append(f"  {key[:300]}: {msg[:500]} (got {_echo(e.get('input'))})")
+    if len(errors) > _MAX_ERRORS:
+        lines.append(f"  ... and {len(errors) - _MAX_ERRORS} more")
     return "invalid config:\n" + "\n".join(lines)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, key: str = "") -> Any:
     """`--set` values are YAML scalars or flow collections: 3, 1e-4, true, [q_proj, v_proj], null."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set value {text!r} is not valid YAML: {exc}") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: an int of over 4300 digits
+        raise ConfigError(f"--set {_key(key)}: value {_echo(text)} is not valid YAML: {str(exc)[:800]}") from None
+
+
+def _key(part: Any) -> str:
+    """A key as typed when it is printable, else its repr (no control characters or lone surrogates in messages)."""
+    text = str(part)
+    return text[:200] if text.isprintable() else _echo(text)
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one `dotted.key=value` to a raw config dict, creating sections as needed."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. --set adapter.r=64")
+        raise ConfigError(f"--set {_echo(assignment)}: expected dotted.key=value, e.g. --set adapter.r=64")
     key, _, raw = assignment.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"--set {assignment!r}: empty key")
+        raise ConfigError(f"--set {_echo(assignment)}: empty key")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part} is a value, not a section")
+            raise ConfigError(f"--set {_key(key)}: {_key(part)} is a value, not a section")
         node = child
-    node[parts[-1]] = _parse_value(raw)
+    node[parts[-1]] = _parse_value(raw, key.strip())
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -403,14 +446,19 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     tree: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} not found (pass --config pipelines/configs/demo.yaml)")
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {exc}") from None
+            text = file.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:  # missing, a directory, unreadable, not UTF-8, bad path
+            reason = "not found" if isinstance(exc, FileNotFoundError) else f"cannot be read ({type(exc).__name__})"
+            raise ConfigError(
+                f"config file {_echo(str(file))} {reason} (pass --config pipelines/configs/demo.yaml)"
+            ) from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: an int of over 4300 digits
+            raise ConfigError(f"config file {_echo(str(file))} is not valid YAML: {str(exc)[:800]}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(f"config file {_echo(str(file))} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
     for assignment in overrides:
         apply_override(tree, assignment)

@@ -47,6 +47,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
+         # Own ports for the node's agents too: another Ray on this machine must not collide with them.
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+         "--ray-client-server-port", str(_free_port()),
          "--temp-dir", str(temp), "--disable-usage-stats"],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

@@ -66,7 +66,9 @@ class DataConfig(Section):
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     seed: Seed = 0
     records_per_shard: PositiveInt = 1000
-    image_size: PositiveInt = Field(64, description="Side of the synthetic images in pixels.")
+    image_size: Annotated[int, Field(ge=24)] = Field(
+        64, description="Side of the synthetic images in pixels (>= 24: smaller shapes are not drawable)."
+    )
     conversation_template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
     transform_concurrency: PositiveInt = 1

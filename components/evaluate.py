@@ -62,9 +62,9 @@ from components.data.conversation import (
     render,
 )
 from components.data.pipeline import load_tokenizer, local_processor_dir
-from components.data.records import BadRecord, decode_image, parse_row
+from components.data.records import BadRecord, parse_row
 from components.data.shards import Manifest, read_manifest, shard_uris
-from components.data.transform import ImageSpec, load_image_spec, normalize, resize_and_crop
+from components.data.transform import ImageSpec, image_pixels, load_image_spec, normalize
 from components.model.mllm import check_compatible, load_base_model, load_stage_model
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class PromptBuilder:
         height, width = self.spec.output_hw
         if not encoded:
             return np.zeros((0, height, width, 3), dtype=np.uint8)
-        return np.stack([resize_and_crop(decode_image(data, self.max_pixels), self.spec) for data in encoded])
+        return np.stack([image_pixels(data, self.spec, self.max_pixels) for data in encoded])
 
 
 def visual_token_count(cfg: PipelineConfig) -> int:

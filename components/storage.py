@@ -13,6 +13,7 @@ Supported URIs: `s3://bucket/prefix`, `file:///abs/path`, and plain local paths
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -142,6 +143,10 @@ def join(uri: str, *parts: str) -> str:
 
 
 _HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
+# Path problems no retry fixes; pyarrow raises them as plain OSErrors carrying the errno (or, for a
+# directory opened as a file, no errno and "is a directory" in the message).
+_PERMANENT_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENOTDIR, errno.EACCES,
+                     errno.EPERM}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -153,6 +158,8 @@ def _transient(exc: BaseException) -> bool:
     if not isinstance(exc, OSError) or isinstance(
         exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError | FileExistsError
     ):
+        return False
+    if exc.errno in _PERMANENT_ERRNOS or "is a directory" in str(exc):
         return False
     status = _HTTP_STATUS.search(str(exc))
     return not (status and status.group(1).startswith("4") and status.group(1) not in ("408", "429"))

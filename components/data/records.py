@@ -82,12 +82,20 @@ def check_key(key: Any) -> str:
 def parse_json(data: Any) -> dict[str, Any]:
     if not _present(data):
         raise BadRecord("missing_field", "no .json member")
+    raw = bytes(data)
     try:
-        meta = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRecord("bad_json", f"unparseable JSON ({exc})") from None
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, an int over 4300 digits, too deep
+        raise BadRecord("bad_json", f"unparseable JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(meta, dict):
         raise BadRecord("bad_json", f"JSON holds a {type(meta).__name__}, not an object")
+    # A "\\ud800"-style escape decodes to a lone surrogate, which no tokenizer accepts (only escapes can
+    # produce one: the UTF-8 decoder refuses encoded surrogates).
+    if b"\\u" in raw:
+        try:
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError) as exc:
+            raise BadRecord("bad_json", f"JSON holds a lone UTF-16 surrogate escape, not valid text ({exc})") from None
     return meta
 
 

@@ -188,6 +188,9 @@ def check_conversations(conversations: Any, where: str) -> list[dict]:
                               "(turns alternate human, gpt, starting with human)")
         if turn["from"] == "gpt" and not turn["value"].strip():
             raise RecordError(f"{where}: conversations[{i}] (gpt) has an empty answer")
+        if turn["from"] == "gpt" and IMAGE_PLACEHOLDER in turn["value"]:  # the reader would skip it every time
+            raise RecordError(f"{where}: conversations[{i}] (gpt) contains {IMAGE_PLACEHOLDER!r}; "
+                              "image placeholders belong in the human turns")
     if conversations[-1]["from"] != "gpt":
         raise RecordError(f"{where}: the last turn must be the assistant's ('gpt') answer")
     return conversations

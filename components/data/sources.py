@@ -20,15 +20,17 @@ is present: ``items`` (ingredient set), ``description`` (recipe) and ``numeric``
 grams, kcal, grams, grams, grams). The structured ground truth goes to ``answer_fields``.
 
 Image paths are relative to the image root (``data.image_root``, default: the
-folder of the input file). A path that leaves the root (``../../etc/passwd``, or
-an absolute path elsewhere) is refused, and a missing file is an error naming
-the record and the path: a dataset is never written with silent holes.
+folder of the input file). A path that leaves the root (``../../etc/passwd``, an
+absolute path elsewhere, or a symlink inside the root that points out of it) is
+refused, and a missing file is an error naming the record and the path: a
+dataset is never written with silent holes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 from collections import deque
@@ -58,16 +60,17 @@ UNIFOOD_QUESTIONS = {
 def load_entries(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
     """The entries of a JSON list or JSON Lines file, each checked to be an object."""
     try:
-        text = storage.read_text(uri, cfg)
+        data = storage.read_bytes(uri, cfg)
     except FileNotFoundError:
         raise FileNotFoundError(f"input file {uri} not found (set data.input / --input to the JSON file)") from None
     try:
+        text = data.decode("utf-8")
         if uri.endswith(".jsonl"):
             entries = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             entries = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"input file {uri} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, an int over 4300 digits, too deep
+        raise RecordError(f"input file {uri} is not valid JSON: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not isinstance(entries, list):
         raise RecordError(f"input file {uri} must hold a JSON list of records (or JSON Lines ending in .jsonl)")
     for n, entry in enumerate(entries):
@@ -121,8 +124,9 @@ def safe_image_uri(root: str, rel: object, where: str) -> str:
         inside = target.startswith(base.rstrip("/") + "/")
         resolved = f"s3:/{target}"
     else:
-        base = os.path.normpath(os.path.abspath(root))
-        target = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
+        # Symlinks are resolved on both sides: a link inside the root that points elsewhere is outside.
+        base = os.path.realpath(root)
+        target = os.path.realpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
         inside = target.startswith(base.rstrip(os.sep) + os.sep)
         resolved = target
     if not inside:
@@ -145,6 +149,10 @@ def load_images(paths: list[object], root: str, where: str, cfg: StorageConfig |
                 f"{where}: image file {rel!r} not found under the image root {root} "
                 "(set data.image_root to the folder the image paths are relative to)"
             ) from None
+        except storage.StorageError:
+            raise  # the store itself failed (retries exhausted): not this record's fault
+        except OSError as exc:  # this path cannot be read: too long, a directory, not permitted
+            raise RecordError(f"{where}: image file {str(rel)[:200]!r} cannot be read ({str(exc)[:200]})") from None
         ext = os.path.splitext(str(rel))[1].lstrip(".") or "jpg"
         images.append((ext, data))
     return images
@@ -236,8 +244,8 @@ def _nutrition(entry: dict, where: str) -> dict[str, float] | None:
     values = {}
     for name in NUTRITION_FIELDS:
         value = source.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise RecordError(f"{where}: nutrition field {name!r} must be a number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise RecordError(f"{where}: nutrition field {name!r} must be a finite number >= 0, got {value!r}")
         values[name] = round(float(value), 1)
     return values
 

@@ -18,8 +18,8 @@ import ray
 
 from components.data import quality
 from components.data.conversation import ConversationError, Encoder
-from components.data.records import BadRecord, decode_image, parse_row
-from components.data.transform import ImageSpec, normalize, resize_and_crop
+from components.data.records import BadRecord, parse_row
+from components.data.transform import ImageSpec, image_pixels, normalize
 
 
 def shard_name(url: Any) -> str:
@@ -97,7 +97,7 @@ class ImageStage:
         counts: list[int] = []
         for i, row in enumerate(batch.itertuples(index=False)):
             try:
-                images = [resize_and_crop(decode_image(data, self.max_pixels), self.spec) for data in row.images]
+                images = [image_pixels(data, self.spec, self.max_pixels) for data in row.images]
             except BadRecord as exc:
                 bad.append((row.shard, row.key, exc.reason))
                 continue

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from components.data.records import BadRecord, decode_image
+
 PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
@@ -116,6 +118,22 @@ def resize_and_crop(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     if spec.crop_hw is None:
         return array
     return center_crop(array, spec.crop_hw)
+
+
+def image_pixels(data: bytes, spec: ImageSpec, max_pixels: int) -> np.ndarray:
+    """Encoded image -> uint8 (H, W, 3) at the spec's output size; bad images raise BadRecord (corrupt_image).
+
+    Padding to a square allocates a side x side canvas, so the pixel limit applies to that canvas too:
+    a 1 x 100000 strip passes the area check of decode_image but its canvas would take 30 GB.
+    """
+    image = decode_image(data, max_pixels)
+    side = max(image.size)
+    if spec.pad_to_square and side * side > max_pixels:
+        raise BadRecord(
+            "corrupt_image",
+            f"{image.width}x{image.height}: its {side}x{side} square padding exceeds the {max_pixels}-pixel limit",
+        )
+    return resize_and_crop(image, spec)
 
 
 def center_crop(array: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:

@@ -119,7 +119,7 @@ def test_every_key_accepts_its_own_default_through_set(key: str) -> None:
         ("data.num_records=" + "9" * 5000, "data.num_records"), ("run.name=" + "[" * 3000 + "]" * 3000, "run.name"),
         ("adapter.target_modules=" + json.dumps(nested_list(500)), "adapter.target_modules"),
         ("run.work_dir={a: {b: {c: {d: {e: 1}}}}}", "run.work_dir"),
-        ("run.name.deeper=x", "run.name"), ("run=3", "run"), ("stage1=[1, 2]", "stage1"),
+        ("data.image_size=16", "data.image_size"), ("run.name.deeper=x", "run.name"), ("run=3", "run"), ("stage1=[1, 2]", "stage1"),
     ],
 )
 def test_numeric_edges_and_deep_values_name_the_key(override: str, key: str) -> None:

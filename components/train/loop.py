@@ -14,11 +14,15 @@ in the current epoch, so no optimizer step is repeated or lost.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
+import pickle
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from components.config import PipelineConfig, StageConfig, config_from_dict
 from components.data.pipeline import make_collate
@@ -128,16 +134,64 @@ def _save_checkpoint(engine: Any, step: int, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+# ---------------------------------------------------------------- safe resume
+#
+# DeepSpeed 0.19 reads its checkpoint files with torch.load(weights_only=False) (TorchCheckpointEngine.load),
+# so a pickle planted in a checkpoint directory would run code on resume. Its checkpoints hold tensors,
+# plain containers and these few DeepSpeed types, so they load with weights_only=True and this allow-list;
+# anything else in a file is refused before it is built.
+CHECKPOINT_SAFE_GLOBALS = [
+    LossScaler, DynamicLossScaler, ZeroStageEnum,
+    # `deepspeed.utils.tensor_fragment` is shadowed by a function of the same name in deepspeed.utils.
+    importlib.import_module("deepspeed.utils.tensor_fragment").fragment_address,
+]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds objects outside the allow-list: it was not written by this training loop."""
+
+
+def safe_checkpoint_load(path: str, map_location: Any = None) -> Any:
+    """torch.load restricted to tensors, containers and CHECKPOINT_SAFE_GLOBALS (no arbitrary unpickling)."""
+    with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint file {path}: it holds objects a DeepSpeed checkpoint never holds "
+                f"({str(exc).splitlines()[0][:300]}); delete the checkpoint or restore it from a trusted copy"
+            ) from None
+
+
+@contextmanager
+def weights_only_checkpoint_loads(engine: Any) -> Iterator[None]:
+    """Route every file the engine's checkpoint engine reads through `safe_checkpoint_load` for a block."""
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = safe_checkpoint_load  # shadows the class's method on this instance only
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
+
+
+def load_checkpoint_dir(engine: Any, path: str | Path) -> int:
+    """Load a checkpoint saved by `_save_checkpoint` into `engine` without unpickling; returns its step."""
+    with weights_only_checkpoint_loads(engine):
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag=CHECKPOINT_TAG, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' in {path}")
+    return int(json.loads(Path(path, PROGRESS_FILE).read_text())["step"])
+
+
 def _restore(engine: Any) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as path:
-        engine.load_checkpoint(
-            path, tag=CHECKPOINT_TAG, load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        step = json.loads(Path(path, PROGRESS_FILE).read_text())["step"]
+        step = load_checkpoint_dir(engine, path)
     log.info("resumed from checkpoint at step %d", step)
     return step
 

@@ -192,9 +192,9 @@ def run_single_stage(
 ) -> StepOutcome:
     """What pipelines/pretrain.py and finetune.py run: data, base model, one tracked stage."""
     cfg = cfg.with_absolute_paths()
-    init_ray(cfg)
     tracker = Tracker(cfg.tracking, cfg.run.work_dir)
-    tracker.check_reachable()
+    tracker.check_reachable()  # before Ray starts: a tracking outage must not cost a cluster start or a stage
+    init_ray(cfg)
     splits = ensure_dataset(cfg)
     base_dir = ensure_base_model(cfg, splits)
     data = stage_data(cfg, stage, base_dir)

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -157,9 +158,11 @@ def safe_checkpoint_load(path: str, map_location: Any = None) -> Any:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
+            found = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
+            reason = (found.group(1) if found else str(exc).splitlines()[0]).split(". Please use")[0]
             raise UnsafeCheckpointError(
                 f"refusing to load checkpoint file {path}: it holds objects a DeepSpeed checkpoint never holds "
-                f"({str(exc).splitlines()[0][:300]}); delete the checkpoint or restore it from a trusted copy"
+                f"({reason[:300]}); delete the checkpoint or restore it from a trusted copy"
             ) from None
 
 

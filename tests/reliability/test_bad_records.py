@@ -222,6 +222,7 @@ def _mutate(data: bytes, how: str, where: float, value: int) -> bytes:
     return data[:at] + b"\x00" * (len(data) - at)  # zero the tail
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's notes on damaged TIFF tags
 @FAST
 @given(
     sample=st.sampled_from(sorted(SAMPLES)),

@@ -9,6 +9,7 @@ that every load path of the project refuses the file without running it.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -58,7 +59,7 @@ def test_planted_pickle_really_runs_code_under_plain_unpickling(tmp_path: Path) 
 def test_safe_load_refuses_planted_pickle_without_running_it(tmp_path: Path) -> None:
     file, marker = tmp_path / "x.pt", tmp_path / "ran"
     plant(file, marker)
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load checkpoint file"):
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load checkpoint file.*Unsupported global: GLOBAL exec"):
         safe_checkpoint_load(str(file))
     assert not marker.exists()
 
@@ -66,10 +67,30 @@ def test_safe_load_refuses_planted_pickle_without_running_it(tmp_path: Path) -> 
 def test_safe_load_refuses_a_bare_pickle_of_an_os_call(tmp_path: Path) -> None:
     """Not even a torch file: a raw pickle stream whose only content is the payload."""
     file, marker = tmp_path / "raw.pt", tmp_path / "ran"
-    file.write_bytes(pickle.dumps(Payload(marker)))
+    file.write_bytes(pickle.dumps(Payload(marker), protocol=2))
     with pytest.raises(UnsafeCheckpointError):
         safe_checkpoint_load(str(file))
     assert not marker.exists()
+
+
+def test_gpu_precision_state_loads_through_the_allow_list(tmp_path: Path) -> None:
+    """What an fp16/bf16 GPU run adds to its optimizer state (a dynamic loss scaler with a dtype, the ZeRO
+    stage enum, fragment addresses) loads weights-only, so resuming on GPUs is not refused."""
+    import importlib
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    fragment_address = importlib.import_module("deepspeed.utils.tensor_fragment").fragment_address
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False, dtype=torch.bfloat16)
+    state = {"loss_scaler": scaler, "static": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "dtype": torch.float16}
+    torch.save(state, tmp_path / "optim_states.pt")
+    loaded = safe_checkpoint_load(str(tmp_path / "optim_states.pt"))
+    assert (loaded["loss_scaler"].cur_scale, loaded["loss_scaler"].dtype) == (2.0**16, torch.bfloat16)
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients and loaded["dtype"] is torch.float16
+    assert loaded["param_slice_mappings"][0]["w"] == fragment_address(numel=4, start=0)
 
 
 # ---------------------------------------------------------------- a real DeepSpeed engine
@@ -182,3 +203,52 @@ def test_peft_adapter_with_a_planted_bin_is_refused(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_adapter(Tiny(), adapter_dir)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- stage artifacts and the code base
+
+
+def test_a_stage_artifact_whose_weights_are_a_pickle_is_refused(tmp_path: Path) -> None:
+    """Stage artifacts are read with safetensors, which parses a header and raw tensors, never pickles."""
+    from safetensors import SafetensorError
+
+    from components.model.mllm import ARTIFACT_WEIGHTS, load_projector_weights
+
+    artifact, marker = tmp_path / "artifact", tmp_path / "ran"
+    artifact.mkdir()
+    plant(artifact / ARTIFACT_WEIGHTS, marker)
+    with pytest.raises(SafetensorError):
+        load_projector_weights(torch.nn.Module(), str(artifact))
+    assert not marker.exists()
+
+
+def _calls(tree: ast.AST) -> Iterator[tuple[str, ast.Call]]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield ast.unparse(node.func), node
+
+
+def test_no_component_unpickles() -> None:
+    """Every loader in components/ is weights-only: no pickle-family imports, torch.load only with
+    weights_only=True, no numpy allow_pickle, no non-safetensors from_pretrained."""
+    problems = []
+    for path in sorted((Path(__file__).resolve().parents[2] / "components").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            problems += [f"{path.name}: imports {n}" for n in names
+                         if n.split(".")[0] in ("cloudpickle", "dill", "joblib", "shelve", "marshal")]
+        for func, call in _calls(tree):
+            keywords = {k.arg: k.value for k in call.keywords}
+            if func == "torch.load" and not (
+                isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True
+            ):
+                problems.append(f"{path.name}:{call.lineno}: torch.load without weights_only=True")
+            if func.split(".")[-1] in ("loads", "load", "Unpickler") and func.split(".")[0] == "pickle":
+                problems.append(f"{path.name}:{call.lineno}: {func}")
+            if "allow_pickle" in keywords or keywords.get("use_safetensors") is not None and not (
+                isinstance(keywords["use_safetensors"], ast.Constant) and keywords["use_safetensors"].value
+            ):
+                problems.append(f"{path.name}:{call.lineno}: {func} may unpickle")
+    assert not problems, problems

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from moto.server import ThreadedMotoServer
 
 from components import storage
 from components.config import StorageConfig, TinyModelConfig
+
+# Property tests run the same examples on every run, so a red CI run is reproducible.
+settings.register_profile("duet", derandomize=True, deadline=None)
+settings.load_profile("duet")
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-access-key",

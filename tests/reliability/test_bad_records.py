@@ -29,7 +29,7 @@ from components.data.shards import RecordError, check_conversations, encode_reco
 from components.data.sources import llava_record, load_entries, safe_image_uri, unifood_family_records
 from components.data.transform import ImageSpec, image_pixels, load_image_spec
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 MAX_PIXELS = 1_000_000
 pytestmark = pytest.mark.timeout(300)
 

@@ -510,8 +510,12 @@ def test_no_credentials_in_deployment_files(path: Path) -> None:
         assert not match, f"{where} contains what looks like a {what}: {match.group(0)[:12]}..."
 
 
+# A developer checkout (or root's home) has no business in deployment files; node paths like /home/ubuntu do.
+LOCAL_PATH = re.compile(r"(?<![\w.])/(?:root|work)/")
+
+
 def test_no_machine_paths_or_index_urls() -> None:
     for path in _deployment_files():
         text = path.read_text()
-        assert "/work/" not in text, f"{path.relative_to(ROOT)} names a local machine path"
+        assert not LOCAL_PATH.search(text), f"{path.relative_to(ROOT)} names a local machine path"
         assert not re.search(r"--(extra-)?index-url[ =]+\S*://", text), f"{path.relative_to(ROOT)}: index URL"

@@ -82,7 +82,8 @@ class DataConfig(Section):
         "plain", description="Template for records whose task is 'caption' (LLaVA's stage-1 'plain' by default)."
     )
     max_image_pixels: PositiveInt = Field(
-        40_000_000, description="Images with more pixels are skipped as corrupt (decompression-bomb guard)."
+        40_000_000, description="Images with more pixels, or whose square padding would have more, are skipped "
+                                "as corrupt (decompression-bomb guard)."
     )
     preprocess_num_cpus: PositiveFloat = Field(
         0.5, description="CPUs reserved per shard reader and preprocessing actor (text and image stages)."

@@ -304,7 +304,7 @@ def test_decompression_bombs_are_refused_fast_without_allocating(
     with pytest.raises(BadRecord) as err:
         image_pixels(data, spec, MAX_PIXELS)
     assert err.value.reason == "corrupt_image"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # decoding a 100000^2 bomb would take minutes (and 30 GB)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
     assert grown_kib < 200 * 1024, f"peak memory grew by {grown_kib // 1024} MiB"
 
@@ -371,7 +371,7 @@ def test_unreadable_image_paths_fail_fast_naming_the_record(image_root: Path, re
     started = time.monotonic()
     with pytest.raises(RecordError, match="record 'e2'"):
         llava_record((0, entry), "data.json", str(image_root))
-    assert time.monotonic() - started < 0.4, "a path problem is not retried like an outage"
+    assert time.monotonic() - started < 1.2, "a path problem is not retried like an outage (>= 1.5 s of back-off)"
 
 
 def test_paths_inside_the_root_resolve_through_symlinks(image_root: Path) -> None:

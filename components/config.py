@@ -247,6 +247,12 @@ class ScalingConfig(Section):
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="MLflow server; default MLFLOW_TRACKING_URI or local SQLite.")
     experiment: str = "duet"
+    outage_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a stage that has finished training waits for an unreachable tracking server to "
+        "take its buffered metrics before failing (checkpoints and the artifact are kept; a re-run resumes).",
+    )
 
 
 class SearchSpace(Section):

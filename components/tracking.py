@@ -79,7 +79,7 @@ class TrackingError(RuntimeError):
 
 
 class TrackingUnreachable(TrackingError):
-    """The tracking server did not answer the start-up probe."""
+    """The tracking server did not answer: at the start-up probe, or for too long during a stage."""
 
 
 # ---------------------------------------------------------------- redaction
@@ -174,7 +174,7 @@ def git_commit(path: Path | None = None) -> str | None:
 
 @contextmanager
 def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of a block (used for the fast reachability probe)."""
+    """Set environment variables for the duration of a block (MLflow reads its request settings from them)."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -185,6 +185,11 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+def _fail_fast(timeout_s: float = 15.0) -> AbstractContextManager[None]:
+    """MLflow requests in this block are tried once, not retried for minutes as by default: for best-effort calls."""
+    return _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, int(timeout_s))))
 
 
 def _now_ms() -> int:
@@ -227,7 +232,7 @@ class Tracker:
         """Fail fast, naming the URI and the fix, when the tracking store does not answer."""
         try:
             if self.is_remote:
-                with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, int(timeout_s)))):
+                with _fail_fast(timeout_s):
                     self.client.search_experiments(max_results=1)
             else:
                 self.client.search_experiments(max_results=1)
@@ -303,9 +308,10 @@ class Tracker:
         self.client.set_terminated(opened, RunStatus.to_string(RunStatus.FINISHED))
 
     def _end_quietly(self, run_id: str, status: int) -> None:
-        """Mark a failed run; a tracking error here must not hide the error that ended the run."""
+        """Mark a failed run; a tracking error here must not hide the error that ended the run (or delay it)."""
         try:
-            self.client.set_terminated(run_id, RunStatus.to_string(status))
+            with _fail_fast():
+                self.client.set_terminated(run_id, RunStatus.to_string(status))
         except Exception as exc:  # the original exception is re-raised by the caller
             _log.warning("could not mark run %s %s: %s", run_id, RunStatus.to_string(status), redact(str(exc)))
 
@@ -475,6 +481,87 @@ class Tracker:
                 code_paths=list(code_paths) if code_paths else None,
             )
         return f"runs:/{run_id}/{name}"
+
+
+# ---------------------------------------------------------------- metrics that outlive an outage
+
+
+class MetricsBuffer:
+    """Per-step metrics of one run, sent as they arrive and kept while the tracking server is away.
+
+    Training never waits on MLflow: a send that fails keeps its rows, in order, and the next
+    send retries them first. Each attempt fails fast (no MLflow-level retries), so the caller's
+    thread keeps up with training during an outage. `close` gives the server time to come back
+    and returns what it still could not send; `rows` holds every row seen, sent or not.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, retry_every_s: float = 2.0) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.retry_every_s = retry_every_s
+        self.rows: list[dict[str, float]] = []
+        self._pending: list[tuple[int, dict[str, float]]] = []  # (milliseconds when recorded, row)
+        self._down_since: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Queue rows (each with a `step` and numbers) and try to send everything queued."""
+        for row in rows:
+            kept = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            if "step" not in kept:
+                raise TrackingError(f"metrics row without a 'step': {sorted(row)}")
+            self.rows.append(kept)
+            self._pending.append((_now_ms(), kept))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is queued; False (rows kept) when the server does not take them."""
+        while self._pending:
+            chunk, count = self._next_chunk()
+            try:
+                with _fail_fast():
+                    self.tracker.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as exc:  # any failure: keep the row; close() reports what never got through
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    _log.warning(
+                        "tracking store %s did not take metrics (%s); buffering them and retrying, training goes on",
+                        self.tracker.safe_uri, redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200],
+                    )
+                return False
+            del self._pending[:count]
+        if self._down_since is not None:
+            _log.warning("tracking store %s is back after %.0f s; buffered metrics sent", self.tracker.safe_uri,
+                         time.monotonic() - self._down_since)
+            self._down_since = None
+        return True
+
+    def _next_chunk(self) -> tuple[list[Metric], int]:
+        """The oldest queued rows that fit one MLflow request (whole rows only), and how many rows that is."""
+        metrics: list[Metric] = []
+        count = 0
+        for stamp, row in self._pending:
+            values = [Metric(k, v, stamp, int(row["step"])) for k, v in row.items() if k != "step"]
+            if metrics and len(metrics) + len(values) > _MAX_METRICS_PER_BATCH:
+                break
+            metrics.extend(values)
+            count += 1
+        return metrics, count
+
+    def close(self, timeout_s: float) -> list[dict[str, float]]:
+        """Send what is left, retrying for up to `timeout_s`; returns the rows that never got through."""
+        deadline = time.monotonic() + timeout_s
+        while not self.flush():
+            if time.monotonic() + self.retry_every_s > deadline:
+                break
+            time.sleep(self.retry_every_s)
+        return [row for _, row in self._pending]
+
+
+# ---------------------------------------------------------------- curves
 
 
 def _plot(path: Path, steps: list[Any], rows: list[dict[str, Any]], cols: list[str], label: str, log: bool) -> bool:

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,19 +29,41 @@ from components.data.prepare import SplitResult, prepare, split_uri
 from components.data.shards import read_manifest, shard_uris
 from components.model.mllm import local_checkpoint
 from components.model.tiny import save_tiny_checkpoint
-from components.tracking import TAG_CONFIG_HASH, TAG_DATASET_DIGEST, TAG_STEP, Tracker
-from components.train.stage import StageData, StageResult, artifact_uri, run_stage
+from components.storage import StorageError
+from components.tracking import (
+    TAG_CONFIG_HASH,
+    TAG_DATASET_DIGEST,
+    TAG_STEP,
+    MetricsBuffer,
+    Tracker,
+    TrackingError,
+    TrackingUnreachable,
+)
+from components.train.loop import stage_config
+from components.train.stage import StageData, StageResult, artifact_uri, run_stage, storage_root
 
 log = logging.getLogger("duet")
 
 STAGE_SPLITS = {1: "caption", 2: "train"}
 TAG_STEP_HASH = "duet.step_hash"
 TAG_ARTIFACT = "duet.artifact.stage"
+TAG_CONTINUES_RUN = "duet.continues_run"  # a stage run that carries on an attempt a tracking outage interrupted
 
 
 def say(message: str) -> None:
     """Progress for the person at the terminal (and the job log under `ray job submit`)."""
     print(f"[duet] {message}", flush=True)
+
+
+def exit_status(main: Callable[[], object]) -> int:
+    """Run a pipeline's `main`: a failure the user fixes outside the code (tracking store, storage) ends
+    with its message and status 1 instead of a traceback; anything else raises as usual."""
+    try:
+        main()
+    except (TrackingError, StorageError) as exc:
+        print(f"[duet] error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -167,19 +190,62 @@ def tracked_stage(
         if stage1 is not None:
             tracker.tag_lineage(run_id, stage1.run_id, stage1.artifact_uri, data.digest)
 
-        def on_metrics(rows: list[dict[str, Any]]) -> None:
-            for row in rows:
-                values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "stage"}
-                tracker.log_metrics(run_id, values, step=int(row["step"]))
-
+        carried = _take_unsent(cfg, stage, digest, tracker, run_id)
+        buffer = MetricsBuffer(tracker, run_id)
+        buffer.add(carried)
         say(f"{name}: training ({cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage})")
-        result = run_stage(
-            cfg, stage, data, stage1_artifact=stage1.artifact_uri if stage1 else None, on_metrics=on_metrics
-        )
-        tracker.log_curves(run_id, result.history)
+        try:
+            result = run_stage(
+                cfg, stage, data, stage1_artifact=stage1.artifact_uri if stage1 else None,
+                on_metrics=lambda rows: buffer.add([{k: v for k, v in r.items() if k != "stage"} for r in rows]),
+            )
+        except BaseException:
+            if buffer.close(timeout_s=0):
+                _keep_unsent(cfg, stage, digest, run_id, buffer.rows)
+            raise
+        if buffer.close(cfg.tracking.outage_timeout_s):
+            where = _keep_unsent(cfg, stage, digest, run_id, buffer.rows)
+            raise TrackingUnreachable(
+                f"MLflow tracking store {tracker.safe_uri} stopped answering during {name} and was still away "
+                f"after tracking.outage_timeout_s={cfg.tracking.outage_timeout_s:g}s. Training finished: the "
+                f"checkpoints are under {storage_root(cfg)} and the artifact at {result.artifact_uri}; the "
+                f"metrics MLflow did not get are kept in {where}. Re-run the same command once the server is "
+                "back: the stage resumes from its last checkpoint and logs them."
+            )
+        resumed = [row for row in carried if not result.history or row["step"] < result.history[0]["step"]]
+        tracker.log_curves(run_id, resumed + result.history)
         tracker.set_tags(run_id, {TAG_ARTIFACT: result.artifact_uri, TAG_CONFIG_HASH: cfg.hash()})
+        storage.delete_file(unsent_metrics_uri(cfg, stage, digest), cfg.storage)
         say(f"{name}: done, artifact {result.artifact_uri}")
         return StepOutcome(run_id, result.artifact_uri, False, _final_metrics(result))
+
+
+def unsent_metrics_uri(cfg: PipelineConfig, stage: int, digest: str) -> str:
+    """Where a stage keeps its metrics when the tracking store was away, until a re-run logs them."""
+    return storage.join(storage_root(cfg), cfg.run.name, stage_config(cfg, stage).name, f"unsent-metrics-{digest}.json")
+
+
+def _keep_unsent(cfg: PipelineConfig, stage: int, digest: str, run_id: str, rows: list[dict[str, float]]) -> str:
+    """Save every metric row of this attempt (the sent ones too, so a re-run's run has the whole curve)."""
+    uri = unsent_metrics_uri(cfg, stage, digest)
+    storage.write_text(uri, json.dumps({"run_id": run_id, "rows": rows}), cfg.storage)
+    return uri
+
+
+def _take_unsent(cfg: PipelineConfig, stage: int, digest: str, tracker: Tracker, run_id: str) -> list[dict[str, float]]:
+    """Rows an earlier attempt of this stage could not log; the new run is tagged with that attempt's run id."""
+    uri = unsent_metrics_uri(cfg, stage, digest)
+    if not storage.exists(uri, cfg.storage):
+        return []
+    try:
+        kept = json.loads(storage.read_text(uri, cfg.storage))
+        rows = [{k: float(v) for k, v in row.items()} for row in kept["rows"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable metrics file %s (%s)", uri, exc)
+        return []
+    tracker.set_tags(run_id, {TAG_CONTINUES_RUN: str(kept.get("run_id", ""))})
+    say(f"stage{stage}: logging {len(rows)} steps of metrics kept during a tracking outage ({uri})")
+    return rows
 
 
 def _final_metrics(result: StageResult) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import parse_cli  # noqa: E402
-from components.workflow import run_full  # noqa: E402
+from components.workflow import exit_status, run_full  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,4 +26,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import parse_cli  # noqa: E402
-from components.workflow import run_single_stage  # noqa: E402
+from components.workflow import exit_status, run_single_stage  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -22,4 +22,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

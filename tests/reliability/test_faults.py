@@ -11,25 +11,23 @@ A worker killed mid-stage is covered by tests/test_train_stages.py
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 from conftest import FAKE_AWS_ENV, free_port
 from flaky_proxy import FlakyProxy
 from moto.server import ThreadedMotoServer
+from pipeline_runs import STEPS, checkpoints, end_leftovers, pretrain_command
 
 from components import storage
 from components.config import PipelineConfig, StorageConfig, load_config
@@ -164,41 +162,6 @@ def test_tracking_server_down_at_start_stops_before_any_work(tmp_path: Path, ent
 
 # ---------------------------------------------------------------- the driver killed mid-stage
 
-KILL_STEPS = 12
-
-
-def _pretrain_command(work: Path) -> list[str]:
-    return [
-        sys.executable, str(REPO / "pipelines/pretrain.py"), "--config", str(REPO / "pipelines/configs/demo.yaml"),
-        *[f"--set={o}" for o in (
-            f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
-            f"scaling.storage_path={work}/runs", "data.num_records=80", "data.caption_records=64",
-            "data.records_per_shard=32", "model.tiny.warmup_steps=0", "stage1.global_batch=8",
-            "stage1.micro_batch=4", f"stage1.max_steps={KILL_STEPS}", "stage1.checkpoint_every=2",
-            "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "data.preprocess_num_cpus=0.25",
-        )],
-    ]
-
-
-def _checkpoints(runs: Path) -> int:
-    """Checkpoints Ray Train has registered (its snapshot is written after a checkpoint is fully stored)."""
-    snapshot = runs / "demo-stage1" / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def _end_leftovers(marker: str) -> None:
-    """End the Ray processes this test's drivers started (found by their temp dir), by pid."""
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.pid != os.getpid() and (marker in " ".join(proc.info["cmdline"] or [])
-                                            or proc.environ().get("RAY_TMPDIR") == marker):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-
 
 @pytest.mark.slow
 def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_path: Path) -> None:
@@ -206,19 +169,19 @@ def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_pa
     ray_tmp = tempfile.mkdtemp(prefix="duet-kill-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    work, command = tmp_path / "work", _pretrain_command(tmp_path / "work")
+    work, command = tmp_path / "work", pretrain_command(tmp_path / "work")
     try:
         with open(tmp_path / "first.log", "wb") as log:
             first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
             deadline = time.monotonic() + 240
-            while _checkpoints(work / "runs") == 0 and first.poll() is None and time.monotonic() < deadline:
+            while checkpoints(work / "runs") == 0 and first.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert first.poll() is None, "the first run ended before its first checkpoint"
             os.killpg(first.pid, signal.SIGKILL)  # the driver and what shares its session, no clean-up
             first.wait(timeout=30)
-        _end_leftovers(ray_tmp)
-        killed_at = _checkpoints(work / "runs")
+        end_leftovers(ray_tmp)
+        killed_at = checkpoints(work / "runs")
         assert not (work / "runs/demo/stage1/artifact/artifact.json").exists(), "killed mid-stage"
 
         second = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -227,14 +190,14 @@ def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_pa
         (tmp_path / "second.log").write_text(out)
         assert second.returncode == 0, out[-3000:]
     finally:
-        _end_leftovers(ray_tmp)
+        end_leftovers(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     reused = re.findall(r"\[duet\] data (\w+): \d+ records, digest \w+ \((\w+)\)", out)
     assert sorted(reused) == [(s, "reused") for s in ("caption", "test", "train", "validation")], reused
     assert re.search(r"\[duet\] base model: .* \(reused\)", out)
     (resumed,) = map(int, re.findall(r"resumed from checkpoint at step (\d+)", out))
-    steps = [int(s) for s in re.findall(rf"stage1 step (\d+)/{KILL_STEPS} ", out)]
+    steps = [int(s) for s in re.findall(rf"stage1 step (\d+)/{STEPS} ", out)]
     assert resumed >= 2 and resumed % 2 == 0 and killed_at >= 1
-    assert steps == list(range(resumed + 1, KILL_STEPS + 1)), f"resumed at {resumed}, then ran {steps}"
+    assert steps == list(range(resumed + 1, STEPS + 1)), f"resumed at {resumed}, then ran {steps}"
     assert (work / "runs/demo/stage1/artifact/artifact.json").is_file()

@@ -1,30 +1,35 @@
-"""Streaming memory: peak RSS of the driver and the Ray processes while build_dataset streams a split from S3.
+"""Streaming memory: peak memory of the driver and the Ray processes while build_dataset streams a split from S3.
 
-    python benchmarks/stream_memory.py                                  # 10k records (a few minutes, 2 CPUs)
+    python benchmarks/stream_memory.py                                  # 10k records (about a minute, 2 CPUs)
     python benchmarks/stream_memory.py --sizes 10000 100000 --json stream.json
-    python benchmarks/stream_memory.py --full                           # 10k, 100k and 1M (writing 1M takes hours)
+    python benchmarks/stream_memory.py --full                           # 10k, 100k and 1M (about 20 min)
 
 For each size a synthetic split (small images, data.image_size 32, and a tiny processor with a 32 px
 crop, so the run measures the pipeline rather than pixel work) is written to an S3 endpoint on
 127.0.0.1 and streamed through components.data.pipeline.build_dataset (validation, tokenisation, CLIP
-transform in actor pools) into iter_torch_batches with the trainer's collate function, on a fresh
-local Ray instance each time. A thread samples the resident set size every 0.25 s: of the driver, and
-of every process below it (Ray's GCS, raylet, workers and actors). The S3 endpoint (moto) runs in its
-own process outside that tree: it holds the whole dataset in memory, which says nothing about the
-pipeline. Shared memory (Ray's object store) counts once per process that maps it, so the sums are
-upper bounds; "driver private" leaves out the driver's shared pages, which grow as it reads blocks
-from more of the object store (at most --object-store-mib).
+transform in actor pools) into iter_torch_batches with the trainer's collate function. Writing and
+streaming each run in a process of their own, so the driver that streams starts clean, with a fresh
+local Ray instance. A thread samples, every 0.25 s, the driver and every process below it
+(Ray's GCS, raylet, workers and actors). The S3 endpoint (moto) runs in its own process outside that
+tree: it holds the whole dataset in memory, which says nothing about the pipeline.
+
+The figure is the proportional set size (PSS) summed over those processes: each shared page (Ray's
+object store, shared libraries) is split among the processes that map it, so the sum is the physical
+memory the pipeline holds. The RSS sum is printed too; it counts a shared page once per process that
+maps it, so it over-states memory and grows with the number of processes. "Driver private" is the
+driver's RSS less its shared pages.
 
 Streaming keeps memory bounded when the peak does not grow with the dataset: compare the peaks across
-sizes, and within one run the peak over the first and the second half of the records. The Ray sum
-follows the number of worker processes (each a Python interpreter with Ray, about 150 MiB), which is
-highest while the pipeline ramps up.
+sizes, and within one run the peak over the first and the second half of the records. What does grow
+with the number of shards, up to a cap set by the CPUs, is how many read tasks run at once (each in a
+Ray worker process): a split of 2 shards never runs more than 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -32,9 +37,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +51,7 @@ from benchmarks.common import format_table, machine, write_json
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 MiB = 2**20
+T = TypeVar("T")
 DEFAULT_SIZES = (10_000,)
 FULL_SIZES = (10_000, 100_000, 1_000_000)
 
@@ -57,6 +64,8 @@ class Sample:
     driver_private: int  # the driver's RSS less its shared pages (the object store it maps, libraries)
     ray: int
     ray_processes: int
+    pss: int  # proportional set size of the driver and the Ray processes: shared pages split among their users
+
 
     @property
     def total(self) -> int:
@@ -66,15 +75,16 @@ class Sample:
 @dataclass
 class SizeResult:
     records: int
+    shards: int
     write_s: float
     stream_s: float
-    idle_rss_mib: float  # driver + idle Ray instance, before streaming
-    peak_driver_mib: float
+    idle_pss_mib: float  # driver + idle Ray instance, before streaming
+    peak_pss_mib: float  # the memory the pipeline holds: driver + Ray processes, shared pages counted once
+    pss_first_half_mib: float  # peak over the first half of the records
+    pss_second_half_mib: float  # and over the second
+    peak_processes: int  # Ray processes at once (each a Python interpreter with Ray loaded)
     peak_driver_private_mib: float
-    peak_ray_mib: float
-    peak_total_mib: float
-    peak_first_half_mib: float
-    peak_second_half_mib: float
+    peak_rss_sum_mib: float  # RSS summed over the processes: counts the object store once per process mapping it
     store_rss_mib: float  # the S3 endpoint's process (the dataset in memory), for reference
     samples: list[Sample] = field(default_factory=list, repr=False)
 
@@ -84,7 +94,7 @@ class SizeResult:
 
 
 class TreeSampler:
-    """RSS of this process and, separately, of all its descendants except `exclude`, every `interval_s`."""
+    """RSS of this process and of all its descendants except `exclude` (apart), and their PSS, every `interval_s`."""
 
     def __init__(self, exclude: set[int], interval_s: float = 0.25) -> None:
         self.exclude = exclude
@@ -97,17 +107,20 @@ class TreeSampler:
 
     def measure(self) -> Sample:
         me = psutil.Process()
-        driver = me.memory_info()
+        driver = me.memory_full_info()
         ray = processes = 0
+        pss = driver.pss
         for proc in me.children(recursive=True):
             try:
                 if proc.pid not in self.exclude:
-                    ray += proc.memory_info().rss
+                    memory = proc.memory_full_info()
+                    ray += memory.rss
+                    pss += memory.pss
                     processes += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return Sample(time.perf_counter() - self._start, self.records_done, driver.rss, driver.rss - driver.shared,
-                      ray, processes)
+                      ray, processes, pss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -150,17 +163,10 @@ def _mib(value: float) -> float:
     return round(value / MiB, 1)
 
 
-def measure_size(records: int, args: argparse.Namespace, endpoint: str, store: psutil.Process,
-                 processor_dir: str) -> SizeResult:
-    import ray
-
+def _config(records: int, args: argparse.Namespace, endpoint: str):  # -> PipelineConfig (imported late)
     from components.config import PipelineConfig
-    from components.data.pipeline import build_dataset, make_collate
-    from components.data.prepare import prepare, split_uri
-    from components.data.shards import read_manifest
-    from components.storage import ensure_bucket
 
-    cfg = PipelineConfig.model_validate({
+    return PipelineConfig.model_validate({
         "storage": {"endpoint_url": endpoint, "region": "us-east-1"},
         "data": {"root": "s3://bench/stream", "name": f"shapes-{records}", "num_records": records,
                  "caption_records": 1, "val_fraction": 0, "test_fraction": 0,
@@ -168,10 +174,31 @@ def measure_size(records: int, args: argparse.Namespace, endpoint: str, store: p
                  "transform_concurrency": args.concurrency, "preprocess_batch_size": args.batch_size},
         "model": {"max_length": 512, "tiny": {"image_size": args.crop, "patch_size": args.patch}},
     })
+
+
+def write_split(records: int, args: argparse.Namespace, endpoint: str) -> float:
+    """Write the split to the S3 endpoint; seconds taken."""
+    from components.data.prepare import prepare
+    from components.storage import ensure_bucket
+
+    cfg = _config(records, args, endpoint)
     ensure_bucket("s3://bench", cfg.storage)
     started = time.perf_counter()
     prepare(cfg.data, cfg.storage)
-    write_s = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def measure_size(records: int, args: argparse.Namespace, endpoint: str, store_pid: int, processor_dir: str,
+                 write_s: float) -> SizeResult:
+    """Stream the written split once, sampling memory; run in a fresh process (see `in_fresh_process`)."""
+    import ray
+
+    from components.data.pipeline import build_dataset, make_collate
+    from components.data.prepare import split_uri
+    from components.data.shards import read_manifest
+
+    cfg = _config(records, args, endpoint)
+    store = psutil.Process(store_pid)
     uri = split_uri(cfg.data, "train")
     manifest = read_manifest(uri, cfg.storage)
     print(f"{records} records: written in {write_s:.0f}s ({manifest.count} in {len(manifest.shards)} shards)",
@@ -198,35 +225,42 @@ def measure_size(records: int, args: argparse.Namespace, endpoint: str, store: p
         raise RuntimeError(f"streamed {sampler.records_done} of {manifest.count} records")
     samples = sampler.samples
     half = manifest.count / 2
-    first = [s.total for s in samples if s.records_done <= half] or [0]
-    second = [s.total for s in samples if s.records_done > half] or [0]
+    first = [s.pss for s in samples if s.records_done <= half] or [0]
+    second = [s.pss for s in samples if s.records_done > half] or [0]
     result = SizeResult(
-        records=manifest.count, write_s=round(write_s, 1), stream_s=round(stream_s, 1),
-        idle_rss_mib=_mib(idle.total), peak_driver_mib=_mib(max(s.driver for s in samples)),
+        records=manifest.count, shards=len(manifest.shards), write_s=round(write_s, 1), stream_s=round(stream_s, 1),
+        idle_pss_mib=_mib(idle.pss), peak_pss_mib=_mib(max(s.pss for s in samples)),
+        pss_first_half_mib=_mib(max(first)), pss_second_half_mib=_mib(max(second)),
+        peak_processes=max(s.ray_processes for s in samples),
         peak_driver_private_mib=_mib(max(s.driver_private for s in samples)),
-        peak_ray_mib=_mib(max(s.ray for s in samples)), peak_total_mib=_mib(max(s.total for s in samples)),
-        peak_first_half_mib=_mib(max(first)), peak_second_half_mib=_mib(max(second)),
+        peak_rss_sum_mib=_mib(max(s.total for s in samples)),
         store_rss_mib=_mib(store.memory_info().rss), samples=samples,
     )
-    print(f"{records} records: streamed in {stream_s:.0f}s, peak {result.peak_total_mib:.0f} MiB "
-          f"(driver {result.peak_driver_mib:.0f}, Ray {result.peak_ray_mib:.0f})", flush=True)
+    print(f"{records} records: streamed in {stream_s:.0f}s, peak {result.peak_pss_mib:.0f} MiB "
+          f"(PSS of the driver and {result.peak_processes} Ray processes)", flush=True)
     return result
+
+
+def in_fresh_process(fn: Callable[..., T], *fn_args: Any) -> T:
+    """`fn(*fn_args)` in a new interpreter (multiprocessing spawn), its result returned."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, fn_args)
 
 
 def table(results: list[SizeResult]) -> str:
     rows = [
-        [r.records, *(round(v) for v in (r.write_s, r.stream_s, r.records_per_s, r.idle_rss_mib, r.peak_driver_mib,
-                                         r.peak_driver_private_mib, r.peak_ray_mib, r.peak_total_mib,
-                                         r.peak_first_half_mib, r.peak_second_half_mib))]
+        [r.records, r.shards, *(round(v) for v in (r.write_s, r.stream_s, r.records_per_s)), r.peak_processes,
+         *(round(v) for v in (r.idle_pss_mib, r.peak_pss_mib, r.pss_first_half_mib, r.pss_second_half_mib,
+                              r.peak_driver_private_mib, r.peak_rss_sum_mib))]
         for r in results
     ]
     text = format_table(
-        ["records", "write s", "stream s", "records/s", "idle MiB", "peak driver MiB", "driver private MiB",
-         "peak Ray MiB", "peak total MiB", "peak 1st half", "peak 2nd half"], rows)
+        ["records", "shards", "write s", "stream s", "records/s", "Ray processes", "idle MiB", "peak MiB",
+         "peak 1st half", "peak 2nd half", "driver private MiB", "RSS sum MiB"], rows)
     if len(results) > 1:
-        growth = results[-1].peak_total_mib / results[0].peak_total_mib
-        text += (f"\npeak total at {results[-1].records} / at {results[0].records} records: {growth:.2f}x "
-                 f"for {results[-1].records / results[0].records:.0f}x the records")
+        last = results[-1]
+        text += "\npeak memory (PSS) against the largest run: " + ", ".join(
+            f"{r.records} records {r.peak_pss_mib / last.peak_pss_mib:.2f}x" for r in results[:-1])
     return text
 
 
@@ -256,9 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="duet-stream-") as tmp:
             processor_dir = build_tiny_processor(TinyModelConfig(image_size=args.crop, patch_size=args.patch), tmp)
-            store = psutil.Process(process.pid)
             for records in sizes:
-                results.append(measure_size(records, args, endpoint, store, processor_dir))
+                # Each step in a fresh process: what one run leaves in a driver (Python heap from writing,
+                # Ray's per-init state) must not be counted against the next size.
+                write_s = in_fresh_process(write_split, records, args, endpoint)
+                results.append(in_fresh_process(measure_size, records, args, endpoint, process.pid, processor_dir,
+                                                write_s))
     finally:
         process.terminate()
         process.wait(timeout=30)

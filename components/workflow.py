@@ -201,7 +201,10 @@ def tracked_stage(
             )
         except BaseException:
             if buffer.close(timeout_s=0):
-                _keep_unsent(cfg, stage, digest, run_id, buffer.rows)
+                try:
+                    _keep_unsent(cfg, stage, digest, run_id, buffer.rows)
+                except Exception as exc:  # must not hide the error that ended training
+                    log.warning("could not keep %d unsent metric rows: %s", buffer.pending, exc)
             raise
         if buffer.close(cfg.tracking.outage_timeout_s):
             where = _keep_unsent(cfg, stage, digest, run_id, buffer.rows)

@@ -94,3 +94,23 @@ def test_run_all_skips_a_missing_benchmark(tmp_path: Path, monkeypatch: pytest.M
     assert outcome.status == "skipped" and "not in the tree" in outcome.note
     quick = module.run_one(module.Benchmark("no_quick", "run_all.py"), tmp_path, timeout=60.0, quick=True)
     assert quick.status == "skipped" and "--quick" in quick.note
+
+
+@pytest.mark.slow
+def test_stream_memory_small_json(tmp_path: Path) -> None:
+    """stream_memory.py end to end at two small sizes: every record streamed, the timelines kept."""
+    out = tmp_path / "stream.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stream_memory.py"), "--sizes", "300", "600",
+         "--records-per-shard", "200", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert [r["records"] for r in report["results"]] == [300, 600]
+    for result in report["results"]:
+        assert result["shards"] == math.ceil(result["records"] / 200)
+        assert result["samples"][-1]["records_done"] == result["records"], "every record reached the consumer"
+        assert result["idle_pss_mib"] > 0 and 0 < result["peak_pss_mib"] <= result["peak_rss_sum_mib"]
+        assert result["peak_processes"] >= 1
+    assert "peak memory (PSS) against the largest run" in proc.stdout

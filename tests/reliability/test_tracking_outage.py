@@ -18,12 +18,13 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import free_port
 from flaky_proxy import FlakyProxy
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (fixture)
 from pipeline_runs import REPO, STEPS, end_leftovers, last_checkpoint_step, pretrain_command
@@ -116,7 +117,7 @@ def test_close_gives_up_after_the_timeout_and_returns_what_was_not_sent(proxied:
 # ---------------------------------------------------------------- a stage losing the server
 
 
-def _stage_runs(server_uri: str, experiment: str) -> list:
+def _stage_runs(server_uri: str, experiment: str) -> list[Run]:
     client = MlflowClient(server_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -125,7 +126,8 @@ def _stage_runs(server_uri: str, experiment: str) -> list:
                               order_by=["attributes.start_time ASC"])
 
 
-def _wait_for(condition, process: subprocess.Popen[bytes], what: str, timeout_s: float = 300) -> None:
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], what: str,
+              timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert process.poll() is None, f"the run ended before {what}"

@@ -32,12 +32,13 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import format_table, machine, write_json  # noqa: E402
+from components.cluster import init_ray  # noqa: E402
 from components.config import PipelineConfig, load_config  # noqa: E402
 from components.data.pipeline import build_dataset, make_collate  # noqa: E402
 from components.model.mllm import build_model, parameter_groups, save_stage_artifact  # noqa: E402
 from components.train.loop import per_sample_loss  # noqa: E402
 from components.train.stage import StageData, run_stage  # noqa: E402
-from components.workflow import ensure_base_model, ensure_dataset, init_ray, stage_data  # noqa: E402
+from components.workflow import ensure_base_model, ensure_dataset, stage_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ def main() -> None:
         work = Path(tmp)
         cfg = bench_config(work, args).with_absolute_paths()
         init_ray(cfg)
-        base = ensure_base_model(cfg, ensure_dataset(cfg))
+        base, _ = ensure_base_model(cfg, ensure_dataset(cfg))
         data = stage_data(cfg, 2, base)
         stage1 = str(work / "stage1")
         torch.manual_seed(0)

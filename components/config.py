@@ -8,6 +8,7 @@ message that names the key, not an hour into a run.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import os
@@ -19,6 +20,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.console import error, say
+from components.errors import UsageError
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
@@ -29,7 +33,7 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 VISION_LAYERS_BY_ARCH = {"llava-1.5-7b": 24}
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config problem a user can fix: the message names the key and the allowed values."""
 
 
@@ -57,7 +61,7 @@ class StorageConfig(Section):
 
 class DataConfig(Section):
     name: str = Field("synthetic", min_length=1, description="Dataset name; shards go to {root}/{name}/.")
-    root: str = Field(".duet/datasets", description="URI under which datasets are written and read.")
+    root: str = Field("datasets", description="URI under which datasets are written and read (relative: under run.work_dir).")
     source: Literal["synthetic", "llava", "unifood"] = "synthetic"
     input: str | None = Field(None, description="LLaVA/UniFood JSON file (its images next to it or in image_root).")
     image_root: str | None = None
@@ -168,6 +172,19 @@ class VCEConfig(Section):
     points: PositiveInt = 4
     final_norm: bool = True
 
+    def check_layers(self, layers: int, where: str = "") -> None:
+        """Refuse layer indices outside a vision tower of `layers` layers (ValueError naming the key)."""
+        if not self.enabled:
+            return
+        # hidden_states has layers + 1 entries (embeddings first); index 0 is the embeddings.
+        allowed = f"-{layers} .. -1 or 1 .. {layers}"
+        for key, index in [("vce.anchor_layer", self.anchor_layer)] + [
+            (f"vce.reference_layers[{i}]", v) for i, v in enumerate(self.reference_layers)
+        ]:
+            if index == 0 or not -layers <= index <= layers:
+                raise ValueError(f"{key} = {index} is outside the vision tower ({layers} layers{where}): "
+                                 f"allowed {allowed}")
+
 
 AdapterType = Literal["none", "lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
 
@@ -232,7 +249,15 @@ class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
-    offload_optimizer: bool = False
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's CPU Adam); needs zero_stage >= 1."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (ZeRO-Offload)")
+        return self
 
 
 class ScalingConfig(Section):
@@ -352,39 +377,97 @@ class PipelineConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _layers_inside_vision_tower(self) -> PipelineConfig:
-        layers = self.model.vision_layers()
-        if layers is None or not self.vce.enabled:
-            return self
-        # hidden_states has layers + 1 entries (embeddings first); index 0 is the embeddings.
-        allowed = f"-{layers} .. -1 or 1 .. {layers}"
-        for key, index in [("vce.anchor_layer", self.vce.anchor_layer)] + [
-            (f"vce.reference_layers[{i}]", v) for i, v in enumerate(self.vce.reference_layers)
-        ]:
-            if index == 0 or not -layers <= index <= layers:
-                raise ValueError(f"{key} = {index} is outside the vision tower ({layers} layers): allowed {allowed}")
+    def _global_batch_splits_over_workers(self) -> PipelineConfig:
+        """Checked here, not in the workers: there it would fail after the data, the base and stage 1."""
+        workers = self.scaling.num_workers
+        for stage in (self.stage1, self.stage2):
+            if stage.global_batch % workers:
+                raise ValueError(
+                    f"{stage.name}.global_batch ({stage.global_batch}) is not divisible by scaling.num_workers "
+                    f"({workers}): every worker takes an equal share of each step's batch; choose a global batch "
+                    f"that is a multiple of {workers}, e.g. {max(workers, stage.global_batch // workers * workers)}"
+                )
         return self
 
-    def with_absolute_paths(self) -> PipelineConfig:
-        """Local paths made absolute, so Ray workers (which run in other directories) find the same files."""
-        def fix(value: str | None) -> str | None:
+    @model_validator(mode="after")
+    def _layers_inside_vision_tower(self) -> PipelineConfig:
+        layers = self.model.vision_layers()
+        if layers is not None:
+            self.vce.check_layers(layers)
+        return self
+
+    def with_absolute_paths(self, cwd: str | None = None) -> PipelineConfig:
+        """Relative local paths made absolute, so Ray workers (which run in other directories) find the same files.
+
+        One rule: `run.work_dir` resolves against the current directory (`cwd`), and everything duet
+        writes resolves against `run.work_dir` (data.root, scaling.storage_path, and model.checkpoint
+        when duet builds the tiny base there), so `--set run.work_dir=X` moves all of it. Inputs a user
+        brings (data.input, data.image_root, data.caption_input, the checkpoint of a real base) resolve
+        against the current directory, like any command-line path. Under `ray job submit` the current
+        directory is Ray's temporary copy of the project; see `durable_work_dir`.
+        """
+        here = os.path.abspath(cwd or os.getcwd())
+        work_dir = durable_work_dir(self.run.work_dir, here)
+
+        def under(root: str, value: str | None) -> str | None:
             if not value or "://" in value:
                 return value
-            return os.path.abspath(value)
+            return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
 
+        built_base = self.model.arch == "tiny"
         return self.model_copy(update={
-            "run": self.run.model_copy(update={"work_dir": fix(self.run.work_dir)}),
+            "run": self.run.model_copy(update={"work_dir": work_dir}),
             "data": self.data.model_copy(update={
-                "root": fix(self.data.root), "input": fix(self.data.input), "image_root": fix(self.data.image_root),
-                "caption_input": fix(self.data.caption_input),
+                "root": under(work_dir, self.data.root), "input": under(here, self.data.input),
+                "image_root": under(here, self.data.image_root), "caption_input": under(here, self.data.caption_input),
             }),
-            "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)}),
-            "scaling": self.scaling.model_copy(update={"storage_path": fix(self.scaling.storage_path)}),
+            "model": self.model.model_copy(
+                update={"checkpoint": under(work_dir if built_base else here, self.model.checkpoint)}
+            ),
+            "scaling": self.scaling.model_copy(update={"storage_path": under(work_dir, self.scaling.storage_path)}),
         })
 
     def hash(self) -> str:
         """Stable digest of the resolved config, used to recognise already-done work."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def environ_snapshot() -> dict[str, str]:
+    """A copy of the environment that does not race threads changing it.
+
+    Iterating `os.environ` looks every key up again, so a variable another thread removes in
+    between (MLflow's telemetry thread does, for `_MLFLOW_TELEMETRY_SESSION_ID`) raises KeyError.
+    The copy is retried until it sees one consistent state.
+    """
+    while True:
+        try:
+            return os.environ.copy()
+        except (KeyError, RuntimeError):  # changed while being copied: try again
+            continue
+
+
+# Ray unpacks a job's --working-dir under .../runtime_resources/working_dir_files/_ray_pkg_<hash>/ and deletes it.
+_RAY_JOB_PACKAGE = f"{os.sep}working_dir_files{os.sep}"
+
+
+def in_ray_job_package(cwd: str) -> bool:
+    """True when `cwd` is Ray's temporary copy of a job's working directory (`ray job submit --working-dir`)."""
+    return _RAY_JOB_PACKAGE in os.path.join(os.path.abspath(cwd), "")
+
+
+def durable_work_dir(work_dir: str, cwd: str) -> str:
+    """`run.work_dir` as an absolute path that outlives the command.
+
+    A relative work dir resolves against `cwd`, except inside Ray's temporary copy of a job's
+    working directory, which Ray deletes: there it resolves against the home directory of the
+    machine the job's driver runs on (`.duet` -> `~/.duet`), so the dataset, the base model and
+    the MLflow store survive the job and a re-submitted job resumes.
+    """
+    expanded = os.path.expanduser(work_dir)
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    root = os.path.expanduser("~") if in_ray_job_package(cwd) else cwd
+    return os.path.normpath(os.path.join(root, expanded))
 
 
 # ---------------------------------------------------------------- loading
@@ -404,6 +487,29 @@ def _echo(value: Any, limit: int = 300) -> str:
 _MAX_ERRORS = 12  # a list of 10 000 bad items is reported by its first few
 
 
+def _section_at(loc: Sequence[Any]) -> type[Section] | None:
+    """The section class that holds the last key of a validation error's location, if the path is known."""
+    section: type[Section] = PipelineConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            return None
+        section = annotation
+    return section
+
+
+def _unknown_key_hint(loc: Sequence[Any]) -> str:
+    """'did you mean ...' for a misspelt key, else where the keys are listed."""
+    section = _section_at(loc)
+    if section is not None and loc:
+        close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            prefix = ".".join(str(p) for p in loc[:-1])
+            return f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return "check the spelling; see the README's config reference"
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     errors = err.errors()
@@ -411,7 +517,9 @@ def _format_error(err: ValidationError) -> str:
         key = ".".join(_key(p) for p in e["loc"]) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key[:300]}: unknown key (check the spelling; see the README's config reference)")
+            lines.append(f"  {key[:300]}: unknown key ({_unknown_key_hint(e['loc'])})")
+        elif not e["loc"] and e["type"] == "value_error":  # a check across sections: its message names the keys
+            lines.append(f"  {msg[:800]}")
         else:
             lines.append(f"  {key[:300]}: {msg[:500]} (got {_echo(e.get('input'))})")
     if len(errors) > _MAX_ERRORS:
@@ -450,6 +558,21 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_value(raw, key.strip())
 
 
+def _empty_sections_as_defaults(tree: dict[str, Any], section: type[Section]) -> dict[str, Any]:
+    """A section written with nothing under it (`tune:` alone, which YAML reads as null) means its defaults."""
+    out = dict(tree)
+    for key, value in tree.items():
+        field = section.model_fields.get(str(key))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+            continue
+        if value is None:
+            out[key] = {}
+        elif isinstance(value, dict):
+            out[key] = _empty_sections_as_defaults(value, annotation)
+    return out
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Load YAML (or defaults when path is None), apply overrides, validate everything."""
     tree: dict[str, Any] = {}
@@ -468,7 +591,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
             raise ConfigError(f"config file {_echo(str(file))} is not valid YAML: {str(exc)[:800]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {_echo(str(file))} must hold a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+        tree = _empty_sections_as_defaults(loaded, PipelineConfig)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
@@ -508,14 +631,22 @@ def parse_cli(
 ) -> tuple[PipelineConfig, argparse.Namespace]:
     """Parse a pipeline script's arguments and validate the config; exit 2 with the message on error.
 
+    `description` is the script's docstring, shown whole by `--help` (its usage examples included);
     `extra` is an optional callable that adds the script's own arguments to the parser.
     """
-    parser = add_config_arguments(argparse.ArgumentParser(description=description))
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides).with_absolute_paths()
+        loaded = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        parser.exit(2, f"error: {exc}\n")
+        error(str(exc))
+        raise SystemExit(2) from None
+    cfg = loaded.with_absolute_paths()
+    if in_ray_job_package(os.getcwd()) and not os.path.isabs(os.path.expanduser(loaded.run.work_dir)):
+        say(f"note: run.work_dir {loaded.run.work_dir!r} is relative and this job runs in Ray's temporary copy of "
+            f"the working directory, which Ray deletes: using {cfg.run.work_dir} (set run.work_dir to an absolute "
+            "path to choose)")
     return cfg, args

@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components.config import RegistryConfig
+from components.errors import DuetError
 from components.metrics import primary_score
 from components.tracking import (
     TAG_CONFIG_HASH,
@@ -45,7 +46,7 @@ LINEAGE_TAGS = (TAG_PARENT_STAGE_RUN, TAG_STAGE1_ARTIFACT, TAG_DATASET_DIGEST, T
 Outcome = Literal["promoted", "already", "rejected"]
 
 
-class RegistryError(RuntimeError):
+class RegistryError(DuetError, RuntimeError):
     """A registry problem a user can fix; the message says what and how."""
 
 
@@ -67,8 +68,15 @@ class Decision:
     def promoted(self) -> bool:
         return self.outcome == "promoted"
 
+    @property
+    def verdict(self) -> str:
+        """The outcome and its reason with the outcome said once: "promoted: beats version 2 ..."."""
+        if self.reason.startswith(self.outcome):
+            return self.reason
+        return f"{'unchanged' if self.outcome == 'already' else self.outcome}: {self.reason}"
+
     def __str__(self) -> str:
-        return f"{self.model} version {self.version}: {self.outcome} ({self.reason})"
+        return f"{self.model} version {self.version}: {self.verdict}"
 
 
 class Registry:

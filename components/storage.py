@@ -14,14 +14,18 @@ Supported URIs: `s3://bucket/prefix`, `file:///abs/path`, and plain local paths
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
+import hashlib
 import logging
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -29,6 +33,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from components.config import StorageConfig
+from components.errors import DuetError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ _SUPPORTED = "s3://bucket/prefix, file:///absolute/path or a plain local path"
 _CHUNK = 8 * 1024 * 1024
 
 
-class StorageError(OSError):
+class StorageError(DuetError, OSError):
     """An I/O failure that retrying did not fix; the message names the URI and endpoint, never credentials."""
 
 
@@ -202,7 +207,10 @@ def retry(
 
 
 def _with_retry(uri: str, cfg: StorageConfig | None, what: str, fn: Callable[[], T]) -> T:
-    return retry(fn, what=f"{what} {uri}", endpoint=describe_endpoint(uri, cfg))
+    endpoint = describe_endpoint(uri, cfg)
+    if is_remote(uri) and endpoint_url(cfg) is None:  # a MinIO or moto user who forgot the endpoint reads this
+        endpoint += "; for MinIO or another S3 API set storage.endpoint_url or AWS_ENDPOINT_URL_S3"
+    return retry(fn, what=f"{what} {uri}", endpoint=endpoint)
 
 
 # ---------------------------------------------------------------- files
@@ -359,6 +367,79 @@ def download_dir(uri: str, local_dir: str | os.PathLike[str], cfg: StorageConfig
             str(target), _fetch))
         written.append(target)
     return written
+
+
+# ---------------------------------------------------------------- local copies of remote folders
+
+
+def _listing(uri: str, cfg: StorageConfig | None) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, modification time in ns) of every file under `uri`."""
+    fs, base = resolve(uri, cfg)
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    infos = _with_retry(uri, cfg, "list", lambda: fs.get_file_info(selector))
+    return {
+        posixpath.relpath(i.path, base): (int(i.size or 0), int(i.mtime_ns or 0))
+        for i in infos if i.type == pafs.FileType.File
+    }
+
+
+@contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process on this machine (an flock'ed file next to `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cache_root() -> Path:
+    """Where remote checkpoints and artifacts are kept on this machine (the system's temp folder)."""
+    return Path(tempfile.gettempdir()) / "duet-cache"
+
+
+def local_copy(uri: str, cfg: StorageConfig | None = None, kind: str = "folders") -> Path:
+    """A complete local copy of the folder at a remote `uri`, downloaded once per machine and version.
+
+    The folder is fetched in parallel (`pyarrow.fs.copy_files`, threads) into a temporary folder,
+    checked file by file against the remote listing (names and sizes), and only then renamed into
+    place, so an interrupted download never leaves a folder that looks complete. One process per
+    machine downloads (a file lock); the others wait and use its copy. The copy is keyed by the
+    URI and the remote listing (sizes and modification times), so a folder rewritten in place is
+    fetched again instead of served stale.
+    """
+    listing = _listing(uri, cfg)
+    if not listing:
+        raise FileNotFoundError(f"nothing under {uri} ({describe_endpoint(uri, cfg)})")
+    key = hashlib.sha256(repr((uri, sorted(listing.items()))).encode()).hexdigest()[:20]
+    final = cache_root() / kind / key
+    if final.is_dir():
+        return final
+    with _node_lock(final.with_name(f".{key}.lock")):
+        if final.is_dir():  # another process on this machine finished it while we waited
+            return final
+        partial = final.with_name(f".partial-{key}-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        fs, base = resolve(uri, cfg)
+        try:
+            _with_retry(uri, cfg, "download", lambda: pafs.copy_files(
+                base, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
+                use_threads=True,
+            ))
+            for rel, (size, _) in listing.items():
+                got = partial / rel
+                if not got.is_file() or got.stat().st_size != size:
+                    raise StorageError(
+                        f"download of {uri} is incomplete: {rel} has {got.stat().st_size if got.is_file() else 'no'} "
+                        f"bytes, the store lists {size}; try again (nothing was kept)"
+                    )
+            os.rename(partial, final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    log.info("downloaded %s (%d files) to %s", uri, len(listing), final)
+    return final
 
 
 def ensure_bucket(uri: str, cfg: StorageConfig | None = None) -> None:

@@ -27,6 +27,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,7 +49,8 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
-from components.config import PipelineConfig, TrackingConfig
+from components.config import PipelineConfig, TrackingConfig, environ_snapshot
+from components.errors import DuetError
 
 # Tag names shared with the registry and the pipelines.
 TAG_KIND = "duet.kind"
@@ -58,7 +60,12 @@ TAG_GIT_COMMIT = "duet.git_commit"
 TAG_PARENT_STAGE_RUN = "duet.parent_stage_run_id"
 TAG_STAGE1_ARTIFACT = "duet.stage1_artifact_uri"
 TAG_DATASET_DIGEST = "duet.dataset_digest"
+TAG_STAGE1_DATASET_DIGEST = "duet.stage1_dataset_digest"
 TAG_ARTIFACT_PREFIX = "duet.artifact."
+TAG_ARTIFACT = "duet.artifact.stage"  # the stage artifact URI a stage or trial run wrote
+TAG_STEP_HASH = "duet.step_hash"  # what determines a step's output: a finished run with the same hash is reused
+TAG_CONTINUES_RUN = "duet.continues_run"  # a stage run that carries on an attempt a tracking outage interrupted
+TAG_MODEL_URI = "duet.artifact.model"  # the packaged pyfunc model of a stage-2 run
 
 ChildKind = Literal["stage", "trial", "evaluation", "data"]
 CHILD_KINDS: tuple[str, ...] = ("stage", "trial", "evaluation", "data")
@@ -74,7 +81,7 @@ _MAX_DATASET_DIGEST = 36  # MLflow's column width for dataset digests
 _REMOTE_SCHEMES = ("http", "https", "databricks")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(DuetError, RuntimeError):
     """A tracking problem a user can fix; the message says what and how."""
 
 
@@ -106,7 +113,7 @@ _NOT_SECRET_ENV = {"PWD", "OLDPWD"}
 def _env_secrets() -> list[str]:
     """Values of credential-named environment variables, so they can be masked wherever they turn up."""
     values = {
-        v for k, v in os.environ.items()
+        v for k, v in environ_snapshot().items()
         if k not in _NOT_SECRET_ENV and is_secret_name(k) and len(v) >= _MIN_ENV_SECRET
     }
     return sorted(values, key=len, reverse=True)
@@ -172,24 +179,40 @@ def git_commit(path: Path | None = None) -> str | None:
     return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
+# MLflow reads its request settings from the environment at each call, and the metrics thread and the
+# main thread both make calls: one lock and a count keep nested or overlapping blocks from restoring
+# a value another block set (which would leave every later call with no retries).
+_FAIL_FAST_LOCK = threading.Lock()
+_fail_fast_depth = 0
+_fail_fast_saved: dict[str, str | None] = {}
+
+
 @contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of a block (MLflow reads its request settings from them)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+def fail_fast(timeout_s: float = 15.0) -> Iterator[None]:
+    """MLflow requests in this block are tried once, not retried for minutes as by default: for best-effort calls.
+
+    While any thread is inside such a block, every MLflow request of the process fails fast (the
+    settings are process-wide); the defaults come back when the last block ends.
+    """
+    global _fail_fast_depth
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
+    with _FAIL_FAST_LOCK:
+        if _fail_fast_depth == 0:
+            _fail_fast_saved.update({k: os.environ.get(k) for k in values})
+            os.environ.update(values)
+        _fail_fast_depth += 1
     try:
         yield
     finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-def _fail_fast(timeout_s: float = 15.0) -> AbstractContextManager[None]:
-    """MLflow requests in this block are tried once, not retried for minutes as by default: for best-effort calls."""
-    return _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, int(timeout_s))))
+        with _FAIL_FAST_LOCK:
+            _fail_fast_depth -= 1
+            if _fail_fast_depth == 0:
+                for key, old in _fail_fast_saved.items():
+                    if old is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = old
+                _fail_fast_saved.clear()
 
 
 def _now_ms() -> int:
@@ -232,7 +255,7 @@ class Tracker:
         """Fail fast, naming the URI and the fix, when the tracking store does not answer."""
         try:
             if self.is_remote:
-                with _fail_fast(timeout_s):
+                with fail_fast(timeout_s):
                     self.client.search_experiments(max_results=1)
             else:
                 self.client.search_experiments(max_results=1)
@@ -310,7 +333,7 @@ class Tracker:
     def _end_quietly(self, run_id: str, status: int) -> None:
         """Mark a failed run; a tracking error here must not hide the error that ended the run (or delay it)."""
         try:
-            with _fail_fast():
+            with fail_fast():
                 self.client.set_terminated(run_id, RunStatus.to_string(status))
         except Exception as exc:  # the original exception is re-raised by the caller
             _log.warning("could not mark run %s %s: %s", run_id, RunStatus.to_string(status), redact(str(exc)))
@@ -410,17 +433,33 @@ class Tracker:
         )
         self.client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
-    def tag_lineage(self, stage2_run_id: str, stage1_run_id: str, stage1_artifact_uri: str, dataset_digest: str) -> None:
-        """Tie a stage-2 run to the stage-1 run and artifact it started from, and to its data version."""
+    def tag_lineage(
+        self, stage2_run_id: str, stage1_run_id: str | None, stage1_artifact_uri: str, dataset_digest: str,
+        stage1_data_digest: str | None = None,
+    ) -> None:
+        """Tie a stage-2 run to the stage-1 artifact it started from, the run that wrote it, and its data.
+
+        `stage1_run_id` None: the artifact came by URI from a run this store does not hold; the
+        artifact URI and the digests (from its artifact.json) are still tagged.
+        """
+        if stage1_run_id is not None and not self.run_exists(stage1_run_id):
+            raise TrackingError(f"tag_lineage: stage-1 run {stage1_run_id!r} not found in {self.safe_uri}")
+        tags = {TAG_STAGE1_ARTIFACT: stage1_artifact_uri, TAG_DATASET_DIGEST: dataset_digest}
+        if stage1_run_id is not None:
+            tags[TAG_PARENT_STAGE_RUN] = stage1_run_id
+        if stage1_data_digest:
+            tags[TAG_STAGE1_DATASET_DIGEST] = stage1_data_digest
+        self.set_tags(stage2_run_id, tags)
+
+    def run_exists(self, run_id: str) -> bool:
+        """True when this store holds a run with that id."""
+        if not run_id:
+            return False
         try:
-            self.client.get_run(stage1_run_id)
+            self.client.get_run(run_id)
         except MlflowException:
-            raise TrackingError(f"tag_lineage: stage-1 run {stage1_run_id!r} not found in {self.safe_uri}") from None
-        self.set_tags(stage2_run_id, {
-            TAG_PARENT_STAGE_RUN: stage1_run_id,
-            TAG_STAGE1_ARTIFACT: stage1_artifact_uri,
-            TAG_DATASET_DIGEST: dataset_digest,
-        })
+            return False
+        return True
 
     def log_artifact_uri(self, run_id: str, key: str, uri: str) -> None:
         """Point a run at an artifact stored elsewhere (checkpoint, shards) with a ``duet.artifact.KEY`` tag."""
@@ -522,7 +561,7 @@ class MetricsBuffer:
         while self._pending:
             chunk, count = self._next_chunk()
             try:
-                with _fail_fast():
+                with fail_fast():
                     self.tracker.client.log_batch(self.run_id, metrics=chunk)
             except Exception as exc:  # any failure: keep the row; close() reports what never got through
                 if self._down_since is None:

@@ -17,9 +17,10 @@ import itertools
 import logging
 import math
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,11 +38,21 @@ from ray.tune.search import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from components import storage
+from components.cluster import Need, check_fits, stage_need, use_gpu_for_training
 from components.config import ConfigError, PipelineConfig, SearchSpace, config_from_dict, dump_config
-from components.tracking import TAG_CONFIG_HASH, TAG_DATASET_DIGEST, TAG_STAGE1_ARTIFACT, Tracker
-from components.train.loop import total_steps
-from components.train.stage import StageData, resolve_use_gpu, run_stage, storage_root
-from components.workflow import STAGE_SPLITS, TAG_ARTIFACT, say
+from components.console import say
+from components.errors import DuetError
+from components.tracking import (
+    TAG_ARTIFACT,
+    TAG_CONFIG_HASH,
+    MetricsBuffer,
+    Tracker,
+    TrackingUnreachable,
+    fail_fast,
+    redact,
+)
+from components.train.loop import VAL_MEASURED, total_steps
+from components.train.stage import STAGE_SPLITS, StageData, run_stage, storage_root
 
 log = logging.getLogger("duet.tune")
 
@@ -55,7 +66,7 @@ TAG_SEARCH_PREFIX = "duet.search."
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "checkpoint_path", "experiment_tag", "should_checkpoint"}
 
 
-class SweepError(RuntimeError):
+class SweepError(DuetError, RuntimeError):
     """A sweep that cannot produce a best config; the message says which trials failed and why."""
 
 
@@ -150,26 +161,18 @@ def check_sweepable(cfg: PipelineConfig, data: StageData | None = None) -> None:
 # ---------------------------------------------------------------- resources
 
 
-def data_cpus_per_worker(cfg: PipelineConfig, has_validation: bool) -> float:
-    """CPUs the Ray Data streams of one training worker hold at peak (see components/data/pipeline.py).
-
-    Each stream runs a read task plus up to `transform_concurrency` text and image actors at
-    `preprocess_num_cpus` each; a worker keeps its training stream open while it validates.
-    """
-    per_stream = (1 + 2 * cfg.data.transform_concurrency) * cfg.data.preprocess_num_cpus
-    return per_stream * (2 if has_validation else 1)
+def trial_need(cfg: PipelineConfig, use_gpu: bool, has_validation: bool) -> Need:
+    """What one trial holds: its driver, its training workers and their data preprocessing."""
+    stage = stage_need(cfg, 2, has_validation, use_gpu)
+    resources = dict(stage.resources)
+    resources["CPU"] = resources["CPU"] + cfg.tune.trial_driver_cpus
+    return Need("one sweep trial", resources,
+                f"its driver {cfg.tune.trial_driver_cpus:g} CPU (tune.trial_driver_cpus) + {stage.breakdown}")
 
 
 def trial_resources(cfg: PipelineConfig, use_gpu: bool, has_validation: bool) -> dict[str, float]:
-    """What one trial holds: its driver, its training workers and their data preprocessing."""
-    workers = cfg.scaling.num_workers
-    need = {
-        "CPU": cfg.tune.trial_driver_cpus
-        + workers * (cfg.scaling.cpus_per_worker + data_cpus_per_worker(cfg, has_validation)),
-    }
-    if use_gpu:
-        need["GPU"] = workers * cfg.scaling.gpus_per_worker
-    return need
+    """The resources of `trial_need`, as Tune's concurrency arithmetic takes them."""
+    return trial_need(cfg, use_gpu, has_validation).resources
 
 
 def concurrent_trials(need: Mapping[str, float], cluster: Mapping[str, float], cap: int | None) -> int:
@@ -244,10 +247,77 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------- driver-side trial bookkeeping
 
 
+class TrackingMirror:
+    """MLflow calls made in order on a thread of their own, so Tune's driver loop never waits on the store.
+
+    A call that fails (the server is away) is tried again every `retry_every_s` until it goes
+    through, holding back the calls after it so their order is kept; per-step metrics go through
+    a `MetricsBuffer`, which keeps them while the server is away without holding anything back.
+    `close` waits up to `timeout_s` for what is queued and raises `TrackingUnreachable` if the
+    store never came back.
+    """
+
+    def __init__(self, tracker: Tracker, retry_every_s: float = 2.0) -> None:
+        self.tracker = tracker
+        self.retry_every_s = retry_every_s
+        self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._failing_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="duet-tune-mlflow", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Queue one call; it runs after every call queued before it."""
+        self._calls.put(fn)
+
+    def _run(self) -> None:
+        while (fn := self._calls.get()) is not None:
+            while True:
+                try:
+                    with fail_fast():
+                        fn()
+                    break
+                except Exception as exc:  # the store is away (or refused): keep the call and try again
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                        log.warning("tracking store %s did not answer (%s); sweep goes on, trial records are "
+                                    "kept and sent when it is back", self.tracker.safe_uri,
+                                    redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200])
+                    time.sleep(self.retry_every_s)
+            if self._failing_since is not None:
+                log.warning("tracking store %s is back after %.0f s", self.tracker.safe_uri,
+                            time.monotonic() - self._failing_since)
+                self._failing_since = None
+            self._calls.task_done()
+        self._calls.task_done()
+
+    def close(self, timeout_s: float) -> None:
+        """Wait for every queued call (up to `timeout_s`), then stop the thread."""
+        self._calls.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TrackingUnreachable(
+                f"MLflow tracking store {self.tracker.safe_uri} stopped answering during the sweep and was still "
+                f"away after tracking.outage_timeout_s={timeout_s:g}s: the trials finished (their results are in "
+                "Tune's experiment folder) but their MLflow runs are incomplete"
+            )
+
+
+@dataclass
+class _TrialRecord:
+    """A trial's MLflow side, touched only on the mirror's thread."""
+
+    run: ExitStack = field(default_factory=ExitStack)
+    run_id: str | None = None
+    buffer: MetricsBuffer | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
 class TrialLedger(tune.Callback):
     """Keeps the trials table on the driver and, with a tracker, mirrors each trial as an MLflow child run.
 
-    A trial is early-stopped when it ended without error before its last step (ASHA's decision).
+    Tune's hooks only update the table and queue MLflow calls (`TrackingMirror`): a slow or lost
+    tracking store never stops the sweep. A trial is early-stopped when it ended without error before
+    its last step (ASHA's decision).
     """
 
     def __init__(
@@ -265,8 +335,15 @@ class TrialLedger(tune.Callback):
         self.parent_run_id = parent_run_id
         self.stage1_run_id = stage1_run_id
         self.rows: dict[str, TrialRow] = {}
-        self._runs: dict[str, ExitStack] = {}
-        self._history: dict[str, list[dict[str, float]]] = {}
+        self._records: dict[str, _TrialRecord] = {}
+        self._mirror: TrackingMirror | None = None  # started with the first trial: Tune pickles its callbacks
+
+    def _mirror_call(self, fn: Callable[[], None]) -> None:
+        if self.tracker is None:
+            return
+        if self._mirror is None:
+            self._mirror = TrackingMirror(self.tracker)
+        self._mirror.call(fn)
 
     # Tune's hooks --------------------------------------------------------------
 
@@ -274,25 +351,10 @@ class TrialLedger(tune.Callback):
         params = {k: _plain(trial.config.get(k)) for k in SEARCH_PARAMS}
         row = self.rows.setdefault(trial.trial_id, TrialRow(trial.trial_id, params, None, "RUNNING", False, 0))
         row.status = "RUNNING"
-        if self.tracker is None or trial.trial_id in self._runs:
+        if self.tracker is None or trial.trial_id in self._records:
             return
-        stack = ExitStack()
-        tags = {TAG_TRIAL_ID: trial.trial_id, TAG_SWEEP: self.experiment,
-                **{f"{TAG_SEARCH_PREFIX}{k}": v for k, v in params.items()}}
-        row.run_id = stack.enter_context(
-            self.tracker.child_run("trial", f"trial-{trial.trial_id}", self.parent_run_id, tags=tags)
-        )
-        self._runs[trial.trial_id] = stack
-        self._history[trial.trial_id] = []
-        trial_cfg = apply_best(self.cfg, params)
-        self.tracker.log_config(row.run_id, trial_cfg)
-        self.tracker.log_dataset(row.run_id, f"{self.cfg.data.name}/{STAGE_SPLITS[2]}", self.data.train_uri,
-                                 self.data.digest)
-        if self.stage1_run_id:
-            self.tracker.tag_lineage(row.run_id, self.stage1_run_id, self.stage1_artifact, self.data.digest)
-        else:
-            self.tracker.set_tags(row.run_id, {TAG_STAGE1_ARTIFACT: self.stage1_artifact,
-                                               TAG_DATASET_DIGEST: self.data.digest})
+        record = self._records[trial.trial_id] = _TrialRecord()
+        self._mirror_call(lambda: self._open(row, record))
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
@@ -302,10 +364,12 @@ class TrialLedger(tune.Callback):
             return
         row.steps = int(result["step"])
         row.metric = _maybe_float(result.get(self.cfg.tune.metric))
-        if row.run_id is not None and self.tracker is not None:
+        record = self._records.get(trial.trial_id)
+        if record is not None:
             values = _metrics(result)
-            self.tracker.log_metrics(row.run_id, {k: v for k, v in values.items() if k != "step"}, step=row.steps)
-            self._history[trial.trial_id].append(values)
+            if not values.pop(VAL_MEASURED, 0.0):
+                values.pop("val_loss", None)  # carried forward between validations: log only measured values
+            self._mirror_call(lambda: self._log(record, values))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         row = self.rows.get(trial.trial_id)
@@ -329,30 +393,60 @@ class TrialLedger(tune.Callback):
     # ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End the runs of trials the sweep left unfinished (interrupted) as KILLED."""
-        for trial_id in list(self._runs):
+        """End the runs of trials the sweep left unfinished (interrupted) as KILLED; wait for MLflow to have it all."""
+        for trial_id in list(self._records):
             row = self.rows[trial_id]
             row.status = "INTERRUPTED"
             self._end(row, KeyboardInterrupt())
+        if self._mirror is not None:
+            self._mirror.close(self.cfg.tracking.outage_timeout_s)
 
     def _end(self, row: TrialRow, error: BaseException | None, full_error: str | None = None) -> None:
-        stack = self._runs.pop(row.trial_id, None)
-        if stack is None or self.tracker is None or row.run_id is None:
+        record = self._records.pop(row.trial_id, None)
+        if record is not None:
+            self._mirror_call(lambda: self._finish(row, record, error, full_error))
+
+    # On the mirror's thread ----------------------------------------------------
+
+    def _open(self, row: TrialRow, record: _TrialRecord) -> None:
+        assert self.tracker is not None and self.parent_run_id is not None
+        if record.run_id is None:  # a retried call must not open a second run
+            tags = {TAG_TRIAL_ID: row.trial_id, TAG_SWEEP: self.experiment,
+                    **{f"{TAG_SEARCH_PREFIX}{k}": v for k, v in row.params.items()}}
+            record.run_id = record.run.enter_context(
+                self.tracker.child_run("trial", f"trial-{row.trial_id}", self.parent_run_id, tags=tags)
+            )
+            row.run_id = record.run_id
+            record.buffer = MetricsBuffer(self.tracker, record.run_id)
+        trial_cfg = apply_best(self.cfg, row.params)
+        self.tracker.log_config(record.run_id, trial_cfg)
+        self.tracker.log_dataset(record.run_id, f"{self.cfg.data.name}/{STAGE_SPLITS[2]}", self.data.train_uri,
+                                 self.data.digest)
+        self.tracker.tag_lineage(record.run_id, self.stage1_run_id or None, self.stage1_artifact, self.data.digest)
+
+    def _log(self, record: _TrialRecord, values: dict[str, float]) -> None:
+        if record.buffer is not None:
+            record.history.append(values)
+            record.buffer.add([values])  # never raises for an outage: the buffer keeps the row
+
+    def _finish(self, row: TrialRow, record: _TrialRecord, error: BaseException | None,
+                full_error: str | None) -> None:
+        if record.run_id is None:
             return
-        try:
-            tags = {TAG_EARLY_STOPPED: str(row.early_stopped).lower()}
-            if row.artifact_uri:
-                tags[TAG_ARTIFACT] = row.artifact_uri
-                tags[TAG_CONFIG_HASH] = apply_best(self.cfg, row.params).hash()
-            self.tracker.set_tags(row.run_id, tags)
-            if full_error:
-                self.tracker.log_text(row.run_id, full_error, "error.txt")
-            self.tracker.log_curves(row.run_id, self._history.pop(row.trial_id, []))
-        finally:
-            if error is None:
-                stack.close()
-            else:
-                stack.__exit__(type(error), error, error.__traceback__)
+        if record.buffer is not None and not record.buffer.flush():
+            raise TrackingUnreachable("metrics not sent yet")  # the mirror tries again
+        tags = {TAG_EARLY_STOPPED: str(row.early_stopped).lower()}
+        if row.artifact_uri:
+            tags[TAG_ARTIFACT] = row.artifact_uri
+            tags[TAG_CONFIG_HASH] = apply_best(self.cfg, row.params).hash()
+        self.tracker.set_tags(record.run_id, tags)
+        if full_error:
+            self.tracker.log_text(record.run_id, full_error, "error.txt")
+        self.tracker.log_curves(record.run_id, record.history)
+        if error is None:
+            record.run.close()
+        else:
+            record.run.__exit__(type(error), error, error.__traceback__)
 
 
 def _maybe_float(value: Any) -> float | None:
@@ -515,7 +609,9 @@ def sweep(
     """Search `tune.space` with ASHA over stage-2 runs; write the best completed trial's config as YAML."""
     check_sweepable(cfg, data)
     steps = total_steps(cfg.stage2, data.num_train_samples)
-    need = trial_resources(cfg, resolve_use_gpu(cfg), has_validation=bool(data.val_uri))
+    one_trial = trial_need(cfg, use_gpu_for_training(cfg), has_validation=bool(data.val_uri))
+    check_fits([one_trial])
+    need = one_trial.resources
     cluster = ray.cluster_resources()
     concurrency = concurrent_trials(need, cluster, cfg.tune.max_concurrent)
     experiment = f"{cfg.run.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,4 +1,4 @@
-"""The steps of the pipeline and how they connect: data, base model, stages, tracking.
+"""The steps of the pipeline and how they connect: start-up, data, base model, stages, tracking.
 
 Each step is recognised as done by what it left behind (a manifest with the same
 inputs, a finished MLflow run with the same step hash whose artifact still
@@ -14,70 +14,41 @@ import io
 import json
 import logging
 import os
-import sys
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from transformers import LlavaConfig
 
 from components import storage
-from components.config import PipelineConfig
+from components.cluster import check_fits, init_ray, pipeline_needs
+from components.config import ConfigError, PipelineConfig
+from components.console import say
 from components.data.prepare import SplitResult, prepare, split_uri
 from components.data.shards import read_manifest, shard_uris
-from components.model.mllm import local_checkpoint
+from components.errors import ArtifactError
+from components.evaluate import EvalResult, comparison_table, evaluate, write_table
+from components.model.mllm import check_compatible, local_checkpoint
 from components.model.tiny import save_tiny_checkpoint
-from components.storage import StorageError
+from components.packaging import log_pyfunc
+from components.registry import Registry
 from components.tracking import (
+    TAG_ARTIFACT,
     TAG_CONFIG_HASH,
+    TAG_CONTINUES_RUN,
     TAG_DATASET_DIGEST,
+    TAG_MODEL_URI,
     TAG_STEP,
+    TAG_STEP_HASH,
     MetricsBuffer,
     Tracker,
-    TrackingError,
     TrackingUnreachable,
 )
-from components.train.loop import stage_config
-from components.train.stage import StageData, StageResult, artifact_uri, run_stage, storage_root
+from components.train.loop import VAL_MEASURED, stage_config, total_steps
+from components.train.stage import STAGE_SPLITS, StageData, StageResult, artifact_uri, run_stage, storage_root
+from components.tune import SweepResult, apply_best, check_sweepable, default_output, format_trials, sweep
 
 log = logging.getLogger("duet")
-
-STAGE_SPLITS = {1: "caption", 2: "train"}
-TAG_STEP_HASH = "duet.step_hash"
-TAG_ARTIFACT = "duet.artifact.stage"
-TAG_CONTINUES_RUN = "duet.continues_run"  # a stage run that carries on an attempt a tracking outage interrupted
-
-
-def say(message: str) -> None:
-    """Progress for the person at the terminal (and the job log under `ray job submit`)."""
-    print(f"[duet] {message}", flush=True)
-
-
-def exit_status(main: Callable[[], object]) -> int:
-    """Run a pipeline's `main`: a failure the user fixes outside the code (tracking store, storage) ends
-    with its message and status 1 instead of a traceback; anything else raises as usual."""
-    try:
-        main()
-    except (TrackingError, StorageError) as exc:
-        print(f"[duet] error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
-def init_ray(cfg: PipelineConfig) -> None:
-    """Join the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local one.
-
-    A local Ray gets at least 4 logical CPUs: training workers and the Ray Data
-    actors that feed them must be schedulable side by side even on a 2-core laptop.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
 
 
 def step_hash(cfg: PipelineConfig, step: str, **inputs: Any) -> str:
@@ -94,6 +65,47 @@ def step_hash(cfg: PipelineConfig, step: str, **inputs: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- start-up
+
+
+@dataclass
+class Workspace:
+    """What every entry point needs before its first stage: the resolved config, the tracker, data, base."""
+
+    cfg: PipelineConfig
+    tracker: Tracker
+    splits: dict[str, SplitResult]
+    base_dir: str
+    base_reused: bool
+
+
+def start(cfg: PipelineConfig, stages: tuple[int, ...] = (1, 2)) -> Workspace:
+    """The start-up every pipeline shares, cheapest checks first, so nothing is trained before all pass.
+
+    Config paths made absolute; the tracking store answering (before Ray starts: an outage must not
+    cost a cluster start or a stage); Ray joined or started; every step fitting the cluster at once;
+    the dataset written or reused; each stage's data filling at least one global batch; the base
+    model found, downloaded or (tiny) built.
+    """
+    cfg = cfg.with_absolute_paths()
+    tracker = Tracker(cfg.tracking, cfg.run.work_dir)
+    tracker.check_reachable()
+    say(init_ray(cfg))
+    check_fits(pipeline_needs(cfg, has_validation=cfg.data.val_fraction > 0))
+    splits = ensure_dataset(cfg)
+    for stage in stages:
+        split = splits.get(STAGE_SPLITS[stage])
+        if split is not None:
+            total_steps(stage_config(cfg, stage), split.manifest.count)
+    base_dir, reused = ensure_base_model(cfg, splits)
+    try:  # a checkpoint in object storage is read only now: its vision tower decides the VCE layers
+        cfg.vce.check_layers(LlavaConfig.from_pretrained(base_dir).vision_config.num_hidden_layers,
+                             f" of {cfg.model.checkpoint}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return Workspace(cfg, tracker, splits, base_dir, reused)
+
+
 # ---------------------------------------------------------------- data and base model
 
 
@@ -106,18 +118,18 @@ def ensure_dataset(cfg: PipelineConfig) -> dict[str, SplitResult]:
     return results
 
 
-def ensure_base_model(cfg: PipelineConfig, splits: dict[str, SplitResult]) -> str:
-    """The base checkpoint directory; for `model.arch: tiny` it is built (and warmed up) when missing."""
+def ensure_base_model(cfg: PipelineConfig, splits: dict[str, SplitResult]) -> tuple[str, bool]:
+    """The base checkpoint directory and whether it already existed; `model.arch: tiny` is built when missing."""
     if cfg.model.arch != "tiny" or storage.is_remote(cfg.model.checkpoint or ""):
-        return local_checkpoint(cfg.model.checkpoint or "", cfg.storage)
+        return local_checkpoint(cfg.model.checkpoint or "", cfg.storage), True
     path = storage.resolve(cfg.model.checkpoint or "")[1]
     if os.path.isfile(os.path.join(path, "config.json")):
         say(f"base model: {path} (reused)")
-        return path
+        return path, True
     texts = _warmup_texts(cfg, splits)
     say(f"base model: building the tiny LLaVA at {path} ({cfg.model.tiny.warmup_steps} warm-up steps on "
         f"{len(texts)} texts)")
-    return save_tiny_checkpoint(cfg.model.tiny, path, texts, seed=cfg.run.seed)
+    return save_tiny_checkpoint(cfg.model.tiny, path, texts, seed=cfg.run.seed), False
 
 
 def _warmup_texts(cfg: PipelineConfig, splits: dict[str, SplitResult], limit: int = 4000) -> list[str]:
@@ -158,10 +170,35 @@ def stage_data(cfg: PipelineConfig, stage: int, base_dir: str) -> StageData:
 
 @dataclass
 class StepOutcome:
-    run_id: str
+    """A finished step: its MLflow run (None when the store does not hold it), artifact and final metrics."""
+
+    run_id: str | None
     artifact_uri: str
     reused: bool
     metrics: dict[str, Any]
+    data_digest: str | None = None
+
+
+def stage1_lineage(cfg: PipelineConfig, tracker: Tracker, uri: str) -> StepOutcome:
+    """A stage-1 artifact given by URI, checked against the config, with the lineage it carries.
+
+    The run that wrote it comes from its artifact.json when this tracking store holds that run (an
+    artifact from another store or an older artifact without one is found by its URI tag, or has none).
+    """
+    meta = check_compatible(cfg, uri, stage=1)
+    run_id = meta.run_id if meta.run_id and tracker.run_exists(meta.run_id) else None
+    if run_id is None:
+        found = tracker.find_run({TAG_ARTIFACT: uri})
+        run_id = found.info.run_id if found is not None else None
+    return StepOutcome(run_id, uri, True, {}, data_digest=meta.data_digest)
+
+
+def _loggable(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row as MLflow should see it: val_loss only at the steps where it was measured."""
+    out = {k: v for k, v in row.items() if k not in ("stage", VAL_MEASURED)}
+    if not row.get(VAL_MEASURED):
+        out.pop("val_loss", None)
+    return out
 
 
 def tracked_stage(
@@ -182,13 +219,13 @@ def tracked_stage(
             uri = done.data.tags.get(TAG_ARTIFACT, "")
             if uri and storage.exists(storage.join(uri, "artifact.json"), cfg.storage):
                 say(f"{name}: reused run {done.info.run_id} ({uri})")
-                return StepOutcome(done.info.run_id, uri, True, dict(done.data.metrics))
+                return StepOutcome(done.info.run_id, uri, True, dict(done.data.metrics), data.digest)
     with tracker.child_run("stage", name, parent_run_id, tags={TAG_STEP_HASH: digest}) as run_id:
         tracker.log_config(run_id, cfg)
         tracker.log_dataset(run_id, f"{cfg.data.name}/{STAGE_SPLITS[stage]}", data.train_uri, data.digest)
         tracker.set_tags(run_id, {TAG_DATASET_DIGEST: data.digest})
         if stage1 is not None:
-            tracker.tag_lineage(run_id, stage1.run_id, stage1.artifact_uri, data.digest)
+            tracker.tag_lineage(run_id, stage1.run_id, stage1.artifact_uri, data.digest, stage1.data_digest)
 
         carried = _take_unsent(cfg, stage, digest, tracker, run_id)
         buffer = MetricsBuffer(tracker, run_id)
@@ -197,7 +234,7 @@ def tracked_stage(
         try:
             result = run_stage(
                 cfg, stage, data, stage1_artifact=stage1.artifact_uri if stage1 else None,
-                on_metrics=lambda rows: buffer.add([{k: v for k, v in r.items() if k != "stage"} for r in rows]),
+                on_metrics=lambda rows: buffer.add([_loggable(r) for r in rows]), run_id=run_id,
             )
         except BaseException:
             if buffer.close(timeout_s=0):
@@ -215,12 +252,13 @@ def tracked_stage(
                 f"metrics MLflow did not get are kept in {where}. Re-run the same command once the server is "
                 "back: the stage resumes from its last checkpoint and logs them."
             )
-        resumed = [row for row in carried if not result.history or row["step"] < result.history[0]["step"]]
-        tracker.log_curves(run_id, resumed + result.history)
+        history = [_loggable(row) for row in result.history]
+        resumed = [row for row in carried if not history or row["step"] < history[0]["step"]]
+        tracker.log_curves(run_id, resumed + history)
         tracker.set_tags(run_id, {TAG_ARTIFACT: result.artifact_uri, TAG_CONFIG_HASH: cfg.hash()})
         storage.delete_file(unsent_metrics_uri(cfg, stage, digest), cfg.storage)
         say(f"{name}: done, artifact {result.artifact_uri}")
-        return StepOutcome(run_id, result.artifact_uri, False, _final_metrics(result))
+        return StepOutcome(run_id, result.artifact_uri, False, _final_metrics(result), data.digest)
 
 
 def unsent_metrics_uri(cfg: PipelineConfig, stage: int, digest: str) -> str:
@@ -255,33 +293,34 @@ def _final_metrics(result: StageResult) -> dict[str, Any]:
     return {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
 
 
-def run_single_stage(
-    cfg: PipelineConfig, stage: int, stage1_artifact: str | None = None,
-    progress: Callable[[str], None] = say,
-) -> StepOutcome:
-    """What pipelines/pretrain.py and finetune.py run: data, base model, one tracked stage."""
+def run_single_stage(cfg: PipelineConfig, stage: int, stage1_artifact: str | None = None) -> StepOutcome:
+    """What pipelines/pretrain.py and finetune.py run: start-up, then one tracked stage.
+
+    Stage 2 starts from `stage1_artifact` (a URI; default this run name's stage-1 artifact), which is
+    checked before anything is written or tracked.
+    """
     cfg = cfg.with_absolute_paths()
-    tracker = Tracker(cfg.tracking, cfg.run.work_dir)
-    tracker.check_reachable()  # before Ray starts: a tracking outage must not cost a cluster start or a stage
-    init_ray(cfg)
-    splits = ensure_dataset(cfg)
-    base_dir = ensure_base_model(cfg, splits)
-    data = stage_data(cfg, stage, base_dir)
-    with tracker.parent_run(f"{cfg.run.name}-stage{stage}") as parent:
-        stage1 = None
-        if stage == 2:
-            uri = stage1_artifact or artifact_uri(cfg, 1)
-            stage1 = StepOutcome(run_id="", artifact_uri=uri, reused=True, metrics={})
-            found = tracker.find_run({TAG_ARTIFACT: uri}) if stage1_artifact is None else None
-            if found is not None:
-                stage1.run_id = found.info.run_id
-        return tracked_stage(cfg, tracker, parent, stage, data, stage1)
+    stage1 = None
+    if stage == 2:
+        uri = stage1_artifact or artifact_uri(cfg, 1)
+        if "://" not in uri:  # workers run elsewhere: a local path must be absolute
+            uri = os.path.abspath(uri)
+        tracker = Tracker(cfg.tracking, cfg.run.work_dir)
+        tracker.check_reachable()
+        try:
+            stage1 = stage1_lineage(cfg, tracker, uri)
+        except ArtifactError as exc:
+            if stage1_artifact is None:  # the default: say how to get one
+                raise ArtifactError(f"{exc}; run pipelines/pretrain.py with this config first, or pass "
+                                    "--stage1-artifact URI") from None
+            raise
+    ws = start(cfg, stages=(stage,))
+    data = stage_data(ws.cfg, stage, ws.base_dir)
+    with ws.tracker.parent_run(f"{cfg.run.name}-stage{stage}") as parent:
+        return tracked_stage(ws.cfg, ws.tracker, parent, stage, data, stage1)
 
 
 # ---------------------------------------------------------------- the full pipeline
-
-
-TAG_MODEL_URI = "duet.artifact.model"
 
 
 @dataclass
@@ -303,16 +342,16 @@ class Summary:
 
 def plan_text(cfg: PipelineConfig) -> str:
     """The steps full.py will take, printed before any work."""
-    sweep = f"sweep ({cfg.tune.num_samples} trials, {cfg.tune.search}, ASHA on {cfg.tune.metric})" \
+    sweep_line = f"sweep ({cfg.tune.num_samples} trials, {cfg.tune.search}, ASHA on {cfg.tune.metric})" \
         if cfg.tune.enabled else "sweep: off (tune.enabled=false)"
     lines = [
         f"run {cfg.run.name!r}: {cfg.model.arch} model, adapter {cfg.adapter.type} r={cfg.adapter.r} "
         f"alpha={cfg.adapter.alpha}, VCE {'on' if cfg.vce.enabled else 'off'}, "
-        f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}",
+        f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage}; work dir {cfg.run.work_dir}",
         f"  1. data      {cfg.data.source} -> {split_uri(cfg.data, 'train').rsplit('/', 1)[0]}",
         f"  2. base      {cfg.model.checkpoint}",
         f"  3. stage 1   VCE + projector, lr {cfg.stage1.lr}, global batch {cfg.stage1.global_batch}",
-        f"  4. {sweep}",
+        f"  4. {sweep_line}",
         f"  5. stage 2   + {cfg.adapter.type}, adapter lr {cfg.stage2.adapter_lr}, lr {cfg.stage2.lr}, "
         f"global batch {cfg.stage2.global_batch}",
         "  6. evaluate  fine-tuned and zero-shot (stage-1 model) on the test split",
@@ -325,10 +364,8 @@ def plan_text(cfg: PipelineConfig) -> str:
 def tracked_evaluation(
     cfg: PipelineConfig, tracker: Tracker, parent_run_id: str, name: str, model_uri: str, base_dir: str,
     test: SplitResult, lineage: StepOutcome,
-) -> tuple[str, Any, bool]:
+) -> tuple[str, EvalResult, bool]:
     """Evaluate one model on the test split as a child run; reused when the same model and data were scored."""
-    from components.evaluate import EvalResult, evaluate, write_table
-
     digest = step_hash(cfg, "evaluate", model=model_uri, data=test.manifest.digest)
     done = tracker.find_run({TAG_STEP: f"evaluate-{name}", TAG_STEP_HASH: digest})
     if done is not None:
@@ -337,7 +374,10 @@ def tracked_evaluation(
         return done.info.run_id, EvalResult(metrics=metrics, per_sample=None, counts={}), True  # type: ignore[arg-type]
     with tracker.child_run("evaluation", f"evaluate-{name}", parent_run_id, tags={TAG_STEP_HASH: digest}) as run_id:
         tracker.log_dataset(run_id, f"{cfg.data.name}/test", test.uri, test.manifest.digest, context="evaluation")
-        tracker.set_tags(run_id, {"duet.evaluated_model": model_uri, "duet.model_stage_run_id": lineage.run_id})
+        tags = {"duet.evaluated_model": model_uri}
+        if lineage.run_id:
+            tags["duet.model_stage_run_id"] = lineage.run_id
+        tracker.set_tags(run_id, tags)
         say(f"evaluate {name}: generating on {min(test.manifest.count, cfg.eval.max_samples or 10**12)} samples")
         result = evaluate(cfg, model_uri, test.uri, base_dir)
         tracker.log_metrics(run_id, result.metrics)
@@ -352,9 +392,6 @@ def tracked_evaluation(
 def register_and_promote(cfg: PipelineConfig, tracker: Tracker, stage2: StepOutcome, metrics: dict[str, float],
                          summary: Summary) -> None:
     """Package the fine-tuned model into its stage-2 run (once), register a version (once), run the gate."""
-    from components.packaging import log_pyfunc
-    from components.registry import Registry
-
     registry = Registry(tracker, cfg.registry)
     existing = tracker.client.search_model_versions(
         f"name='{cfg.registry.model_name}' and run_id='{stage2.run_id}'"
@@ -374,28 +411,26 @@ def register_and_promote(cfg: PipelineConfig, tracker: Tracker, stage2: StepOutc
     summary.model_version = str(version.version)
     decision = registry.promote(version.version)
     summary.decision = decision
-    summary.record("promote", False, str(decision))
+    summary.record("promote", False, decision.verdict)
     say(f"promote: {decision}")
 
 
 def run_full(cfg: PipelineConfig) -> Summary:
     """Data -> stage 1 -> (sweep) -> stage 2 -> evaluate (fine-tuned and zero-shot) -> register -> promote."""
-    from components.evaluate import comparison_table
-
     cfg = cfg.with_absolute_paths()
+    if cfg.data.test_fraction <= 0:
+        raise ConfigError("data.test_fraction is 0: the pipeline evaluates on a held-out test split before it "
+                          "promotes a model; set data.test_fraction > 0 (e.g. 0.05)")
     say("plan:\n" + plan_text(cfg))
-    tracker = Tracker(cfg.tracking, cfg.run.work_dir)
-    tracker.check_reachable()  # before any training: a tracking outage must not cost a stage
-    init_ray(cfg)
+    ws = start(cfg)
+    cfg, tracker, splits, base_dir = ws.cfg, ws.tracker, ws.splits, ws.base_dir
     summary = Summary(steps=[])
-    splits = ensure_dataset(cfg)
     summary.record("data", all(s.reused for s in splits.values()),
                    ", ".join(f"{k}={v.manifest.count}" for k, v in splits.items()))
-    base_existed = os.path.isfile(os.path.join(storage.resolve(cfg.model.checkpoint or ".")[1], "config.json"))
-    base_dir = ensure_base_model(cfg, splits)
-    summary.record("base model", base_existed, base_dir)
+    summary.record("base model", ws.base_reused, base_dir)
     if "test" not in splits:
-        raise ValueError("the dataset has no test split: set data.test_fraction > 0 to evaluate before promotion")
+        raise ConfigError(f"dataset {cfg.data.name!r} has no test split (too few records for data.test_fraction="
+                          f"{cfg.data.test_fraction}): add records or raise data.test_fraction")
     with tracker.parent_run(cfg.run.name, tags={TAG_CONFIG_HASH: cfg.hash()}) as parent:
         summary.parent_run_id = parent
         tracker.log_config(parent, cfg)
@@ -404,8 +439,6 @@ def run_full(cfg: PipelineConfig) -> Summary:
         summary.record("stage 1", stage1.reused, f"run {stage1.run_id}")
         cfg2 = cfg
         if cfg.tune.enabled:
-            from components.tune import apply_best, sweep
-
             result = sweep(cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent,
                            stage1_run_id=stage1.run_id)
             summary.best_config = result.best_config_path
@@ -416,11 +449,12 @@ def run_full(cfg: PipelineConfig) -> Summary:
         summary.record("stage 2", stage2.reused, f"run {stage2.run_id}")
         evaluations = {}
         for name, outcome in (("zero-shot", stage1), ("fine-tuned", stage2)):
-            run_id, result, reused = tracked_evaluation(
+            run_id, evaluated, reused = tracked_evaluation(
                 cfg2, tracker, parent, name, outcome.artifact_uri, base_dir, splits["test"], outcome
             )
-            evaluations[name] = result
-            summary.record(f"evaluate {name}", reused, f"run {run_id}, score {result.metrics.get('score', 0):.2f}")
+            evaluations[name] = evaluated
+            summary.record(f"evaluate {name}", reused,
+                           f"run {run_id}, score {evaluated.metrics.get('score', 0):.2f}")
         summary.evaluations = evaluations
         register_and_promote(cfg2, tracker, stage2, evaluations["fine-tuned"].metrics, summary)
         tracker.set_tags(parent, {"duet.stage1_run_id": stage1.run_id, "duet.stage2_run_id": stage2.run_id})
@@ -436,9 +470,32 @@ def summary_text(cfg: PipelineConfig, summary: Summary, tracker: Tracker) -> str
         lines += [f"  stage-1 artifact: {summary.stage1.artifact_uri}",
                   f"  stage-2 artifact: {summary.stage2.artifact_uri}"]
     if summary.decision is not None:
-        verdict = "promoted" if summary.decision.promoted else "not promoted"
-        lines.append(f"  {cfg.registry.model_name} v{summary.model_version}: {verdict}: {summary.decision.reason}")
+        lines.append(f"  {cfg.registry.model_name} v{summary.model_version}: {summary.decision.verdict}")
     lines.append(f"  parent run {summary.parent_run_id} in {tracker.safe_uri}")
     if tracker.uri.startswith("sqlite:"):
         lines.append(f"  browse it: mlflow ui --backend-store-uri {tracker.uri}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def run_sweep(cfg: PipelineConfig, output: str | None = None) -> SweepResult:
+    """What pipelines/sweep.py runs: start-up, stage 1 (or its reuse), the Tune sweep, the trials table."""
+    cfg = cfg.with_absolute_paths()  # trials and their workers run in other directories
+    check_sweepable(cfg)  # every corner of the space must validate before any work
+    output = output or default_output(cfg)
+    say(f"sweep: {cfg.tune.num_samples} trials over tune.space, best config to {output}")
+    ws = start(cfg)
+    with ws.tracker.parent_run(f"{cfg.run.name}-sweep") as parent:
+        ws.tracker.log_config(parent, ws.cfg)
+        stage1 = tracked_stage(ws.cfg, ws.tracker, parent, 1, stage_data(ws.cfg, 1, ws.base_dir))
+        result = sweep(ws.cfg, stage_data(ws.cfg, 2, ws.base_dir), stage1.artifact_uri, ws.tracker, parent,
+                       output=output, stage1_run_id=stage1.run_id)
+    print(format_trials(result.trials, cfg.tune.metric, result.total_steps))
+    say(f"best trial {result.best_trial_id}: {cfg.tune.metric} {result.best_metrics.get(cfg.tune.metric)}")
+    say(f"best config: {result.best_config_path}")
+    if result.best_artifact_uri:
+        say(f"best stage-2 artifact: {result.best_artifact_uri}")
+    say(f"Tune experiment: {result.experiment_path}")
+    return result

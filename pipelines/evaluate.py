@@ -1,11 +1,14 @@
 """Evaluate a stage artifact on a prepared split by batch generation on Ray Data (paper section 4.2 metrics).
 
-    python pipelines/evaluate.py --config pipelines/configs/demo.yaml [--model URI] [--baseline]
-        [--baseline-model URI|base] [--split test|validation] [--output samples.csv]
-
 --model defaults to this run's stage-2 artifact; --baseline also evaluates the zero-shot model
 (this run's stage-1 artifact, or --baseline-model; `base` means the bare base checkpoint) and prints
 both side by side. --output writes the per-sample table (.csv, .json or .jsonl) with a `model` column.
+Every input is checked before Ray starts.
+
+examples:
+  python pipelines/evaluate.py --config pipelines/configs/demo.yaml --baseline
+  python pipelines/evaluate.py --config pipelines/configs/demo.yaml --model .duet/runs/demo/stage2/artifact \\
+      --split validation --output samples.csv
 """
 
 from __future__ import annotations
@@ -13,25 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pandas as pd  # noqa: E402
-
-from components.config import PipelineConfig, parse_cli  # noqa: E402
-from components.data.prepare import split_uri  # noqa: E402
-from components.data.shards import read_manifest  # noqa: E402
-from components.evaluate import (  # noqa: E402
-    EvalResult,
-    check_model_source,
-    check_table_path,
-    comparison_table,
-    evaluate,
-    write_table,
-)
-from components.train.stage import artifact_uri  # noqa: E402
-from components.workflow import init_ray, say  # noqa: E402
+from components.config import ConfigError, PipelineConfig, parse_cli
+from components.console import run_script, say
 
 BASE_MODEL = "base"
 
@@ -49,6 +37,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def models_to_evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, str | None]:
     """Display name -> model source (None: the bare base checkpoint), baseline first."""
+    from components.train.stage import artifact_uri
+
     models: dict[str, str | None] = {}
     if args.baseline or args.baseline_model:
         chosen = args.baseline_model or artifact_uri(cfg, 1)
@@ -57,25 +47,36 @@ def models_to_evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> dict[st
     return models
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, EvalResult]:
-    cfg, args = parse_cli(__doc__.splitlines()[0], argv, extra=_arguments)
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg, args = parse_cli(__doc__, argv, extra=_arguments)
     if not cfg.model.checkpoint:
-        raise SystemExit("error: model.checkpoint is not set: evaluation needs the base checkpoint (its processor)")
-    try:
-        if args.output:
-            check_table_path(args.output)
-        split = split_uri(cfg.data, args.split)
-        read_manifest(split, cfg.storage)
-        models = models_to_evaluate(cfg, args)
-        for source in models.values():
-            check_model_source(cfg, source)
-        init_ray(cfg)
-        results: dict[str, EvalResult] = {}
-        for name, source in models.items():
-            say(f"evaluate {name}: {source or 'base checkpoint ' + cfg.model.checkpoint} on {split}")
-            results[name] = evaluate(cfg, source, split, cfg.model.checkpoint)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: say what and how to fix, no traceback
-        raise SystemExit(f"error: {exc}") from None
+        raise ConfigError("model.checkpoint is not set: evaluation needs the base checkpoint (its processor)")
+    # torch, Ray, MLflow: imported once the arguments are known good
+    import pandas as pd
+
+    from components.cluster import init_ray
+    from components.data.prepare import split_uri
+    from components.data.shards import read_manifest
+    from components.evaluate import (
+        check_model_source,
+        check_table_path,
+        comparison_table,
+        evaluate,
+        write_table,
+    )
+
+    if args.output:
+        check_table_path(args.output)
+    split = split_uri(cfg.data, args.split)
+    read_manifest(split, cfg.storage)
+    models = models_to_evaluate(cfg, args)
+    for source in models.values():
+        check_model_source(cfg, source)
+    say(init_ray(cfg))
+    results = {}
+    for name, source in models.items():
+        say(f"evaluate {name}: {source or 'base checkpoint ' + cfg.model.checkpoint} on {split}")
+        results[name] = evaluate(cfg, source, split, cfg.model.checkpoint)
     print(comparison_table(results))
     if args.output:
         table = pd.concat([r.per_sample.assign(model=name) for name, r in results.items()], ignore_index=True)
@@ -84,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, EvalResult]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

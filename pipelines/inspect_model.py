@@ -1,7 +1,11 @@
 """Print parameter counts, stage-2 trainability and fp16 size per component of the configured model.
 
 Builds the architecture on the `meta` device: no weights are read or downloaded, so
-`--config pipelines/configs/llava-1.5-7b.yaml` sizes the real LLaVA-1.5-7B in seconds.
+the LLaVA-1.5-7B config sizes the real model in seconds.
+
+examples:
+  python pipelines/inspect_model.py --config pipelines/configs/llava-1.5-7b.yaml
+  python pipelines/inspect_model.py --config pipelines/configs/llava-1.5-7b.yaml --set adapter.type=lora --json
 """
 
 from __future__ import annotations
@@ -9,19 +13,17 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.config import parse_cli  # noqa: E402
-from components.model.mllm import build_meta_model, component_sizes  # noqa: E402
+from components.config import parse_cli
+from components.console import run_script
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_cli(
-        __doc__.splitlines()[0], argv,
-        extra=lambda p: p.add_argument("--json", action="store_true", help="print one JSON object"),
+        __doc__, argv, extra=lambda p: p.add_argument("--json", action="store_true", help="print one JSON object"),
     )
+    from components.model.mllm import build_meta_model, component_sizes  # torch: once the arguments are good
+
     sizes = component_sizes(build_meta_model(cfg, stage=2))
     if args.json:
         print(json.dumps(sizes, indent=2))
@@ -33,4 +35,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

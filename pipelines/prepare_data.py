@@ -1,28 +1,27 @@
 """Write a dataset's WebDataset shards and manifests (synthetic, LLaVA JSON or UniFood JSON).
 
-    python pipelines/prepare_data.py --config pipelines/configs/demo.yaml
-    python pipelines/prepare_data.py --source llava --input data/llava.json --output s3://bucket/datasets \\
-        --set data.name=llava-mix --set storage.endpoint_url=http://127.0.0.1:9000
+The flags override the matching data.* keys (--output is data.root; relative paths given as
+flags are relative to the current directory). Splits whose manifest already exists for the
+same inputs are reported as re-used, not rewritten.
 
-The flags override the matching data.* keys (--output is data.root). Splits whose
-manifest already exists for the same inputs are reported as re-used, not rewritten.
+examples:
+  python pipelines/prepare_data.py --config pipelines/configs/demo.yaml
+  python pipelines/prepare_data.py --source llava --input data/llava.json --output s3://bucket/datasets \\
+      --set data.name=llava-mix --set storage.endpoint_url=http://127.0.0.1:9000
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydantic import ValidationError
 
 from components.config import ConfigError, DataConfig, PipelineConfig, parse_cli
+from components.console import run_script
 from components.data.prepare import SplitResult, prepare
-from components.data.shards import RecordError
 
 FLAG_TO_FIELD = {"source": "source", "input": "input", "output": "root", "num_records": "num_records", "seed": "seed"}
 
@@ -38,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
     """The config with the CLI flags written into data.*, validated again."""
     updates = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
+    for field in ("input", "root"):  # a path typed on the command line is relative to where it was typed
+        if field in updates and "://" not in updates[field]:
+            updates[field] = os.path.abspath(updates[field])
     if updates.get("source") == "synthetic" and args.input is not None:
         raise ConfigError("--input is not used with --source synthetic (the generator needs no input file)")
     try:
@@ -60,20 +62,12 @@ def format_results(results: list[SplitResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, args = parse_cli(__doc__.splitlines()[0], argv, add_arguments)
-    try:
-        cfg = apply_flags(cfg, args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg, args = parse_cli(__doc__, argv, add_arguments)
+    cfg = apply_flags(cfg, args)
     data = cfg.data
     print(f"preparing dataset {data.name!r} from {data.source}"
           f"{'' if data.source == 'synthetic' else f' ({data.input})'} under {data.root}")
-    try:
-        results = prepare(data, cfg.storage, progress=lambda msg: print(f"  {msg}", flush=True))
-    except (RecordError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    results = prepare(data, cfg.storage, progress=lambda msg: print(f"  {msg}", flush=True))
     print(format_results(results))
     for r in results:
         print(f"{r.split}: {r.uri}")
@@ -81,4 +75,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

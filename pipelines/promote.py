@@ -1,11 +1,13 @@
 """Move the registry alias (default "champion") to a model version if it beats the current one.
 
-    python pipelines/promote.py --model duet-llava --version 7 [--force] [--config FILE] [--set key=value]
-
 The gate compares registry.metric (direction registry.direction, margin
 registry.min_margin) recorded on the versions; --force skips it and is recorded
 on the version. Exit status: 0 promoted or already holding the alias, 1 refused
 by the gate (the reason is printed), 2 bad arguments or an error.
+
+examples:
+  python pipelines/promote.py --model duet-llava --version 7
+  python pipelines/promote.py --config pipelines/configs/demo.yaml --version 3 --force
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.config import parse_cli  # noqa: E402
-from components.registry import Registry, RegistryError  # noqa: E402
-from components.tracking import Tracker, TrackingError  # noqa: E402
+from components.config import parse_cli
+from components.console import error, run_script
+from components.errors import DuetError
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +28,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, args = parse_cli(__doc__.splitlines()[0], argv, extra=_arguments)
+    cfg, args = parse_cli(__doc__, argv, extra=_arguments)
+    from components.registry import Registry  # MLflow: imported once the arguments are known good
+    from components.tracking import Tracker
+
     name = args.model or cfg.registry.model_name
     reg = cfg.registry
     tracker = Tracker(cfg.tracking, cfg.run.work_dir)
@@ -41,12 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tracker.check_reachable()
         decision = Registry(tracker, reg).promote(args.version, force=args.force, name=name)
-    except (TrackingError, RegistryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except DuetError as exc:  # status 2 for any error: 1 means "refused by the gate"
+        error(str(exc))
         return 2
     print(decision)
     return 1 if decision.outcome == "rejected" else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -1,10 +1,12 @@
 """Ray Tune sweep over stage 2 (adapter rank, alpha/r, learning rates) from one stage-1 artifact.
 
-    python pipelines/sweep.py --config pipelines/configs/demo.yaml --set tune.num_samples=8 [--output best.yaml]
-
 Stage 1 runs once (or is reused when a finished run with the same inputs exists); every trial is
-a stage-2 run from its artifact. The best completed trial's config is written as YAML that
-`pipelines/finetune.py --config` accepts as it is.
+a stage-2 run from its artifact, stopped early by ASHA when it falls behind. The best completed
+trial's config is written as YAML that `pipelines/finetune.py --config` accepts as it is.
+
+examples:
+  python pipelines/sweep.py --config pipelines/configs/demo.yaml --set tune.num_samples=8
+  python pipelines/sweep.py --config pipelines/configs/demo.yaml --set tune.search=optuna --output best.yaml
 """
 
 from __future__ import annotations
@@ -12,21 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from components.config import ConfigError, parse_cli  # noqa: E402
-from components.tracking import Tracker  # noqa: E402
-from components.tune import SweepResult, check_sweepable, default_output, format_trials, sweep  # noqa: E402
-from components.workflow import (  # noqa: E402
-    ensure_base_model,
-    ensure_dataset,
-    init_ray,
-    say,
-    stage_data,
-    tracked_stage,
-)
+from components.config import parse_cli
+from components.console import run_script
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,36 +25,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> SweepResult:
-    cfg, args = parse_cli(__doc__.splitlines()[0], argv, extra=_arguments)
-    try:
-        check_sweepable(cfg)
-    except ConfigError as exc:  # refused like any invalid config: before any cluster work, exit status 2
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    cfg = cfg.with_absolute_paths()  # trials and their workers run in other directories
-    output = args.output or default_output(cfg)
-    say(f"sweep: {cfg.tune.num_samples} trials over tune.space, best config to {output}")
-    tracker = Tracker(cfg.tracking, cfg.run.work_dir)
-    tracker.check_reachable()  # before any training: a tracking outage must not cost a stage
-    init_ray(cfg)
-    splits = ensure_dataset(cfg)
-    base_dir = ensure_base_model(cfg, splits)
-    with tracker.parent_run(f"{cfg.run.name}-sweep") as parent:
-        tracker.log_config(parent, cfg)
-        stage1 = tracked_stage(cfg, tracker, parent, 1, stage_data(cfg, 1, base_dir))
-        result = sweep(
-            cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent, output=output,
-            stage1_run_id=stage1.run_id,
-        )
-    print(format_trials(result.trials, cfg.tune.metric, result.total_steps))
-    print(f"best trial {result.best_trial_id}: {cfg.tune.metric} {result.best_metrics.get(cfg.tune.metric)}")
-    print(f"best config: {result.best_config_path}")
-    if result.best_artifact_uri:
-        print(f"best stage-2 artifact: {result.best_artifact_uri}")
-    print(f"Tune experiment: {result.experiment_path}")
-    return result
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, args = parse_cli(__doc__, argv, extra=_arguments)
+    from components.workflow import run_sweep  # torch, Ray, MLflow: once the arguments are known good
+
+    run_sweep(cfg, args.output)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

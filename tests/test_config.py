@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ConfigError, PipelineConfig, dump_config, load_config, parse_cli
+from components.config import (
+    ConfigError,
+    PipelineConfig,
+    dump_config,
+    durable_work_dir,
+    load_config,
+    parse_cli,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 
@@ -101,6 +108,57 @@ def test_parse_cli_exits_with_message(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exit_info:
         parse_cli("test", ["--set", "adapter.r=0"])
     assert exit_info.value.code == 2
-    assert "adapter.r" in capsys.readouterr().err
+    assert "[duet] error: invalid config:\n  adapter.r:" in capsys.readouterr().err
     cfg, _ = parse_cli("test", ["--config", str(CONFIGS / "demo.yaml"), "--set", "adapter.r=4"])
     assert cfg.adapter.r == 4
+
+
+def test_a_misspelt_key_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"adapter\.rr: unknown key \(did you mean adapter\.r\?\)"):
+        load_config(None, ["adapter.rr=3"])
+    with pytest.raises(ConfigError, match=r"stage2\.global_bach: unknown key \(did you mean stage2\.global_batch\?\)"):
+        load_config(None, ["stage2.global_bach=8"])
+    with pytest.raises(ConfigError, match=r"adaptor: unknown key \(did you mean adapter\?\)"):
+        load_config(None, ["adaptor.r=3"])
+    with pytest.raises(ConfigError, match=r"zzz: unknown key \(check the spelling"):
+        load_config(None, ["zzz=1"])
+
+
+def test_an_empty_section_means_its_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("tune:\nmodel:\n  tiny:\nadapter:\n  r: 8\n")
+    cfg = load_config(path, ["tune.num_samples=3"])
+    assert cfg.tune.num_samples == 3 and cfg.model.tiny == load_config(None).model.tiny and cfg.adapter.r == 8
+
+
+def test_a_global_batch_the_workers_cannot_share_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match=r"stage2\.global_batch \(7\) is not divisible by scaling\.num_workers \(2\)"):
+        load_config(None, ["stage2.global_batch=7", "scaling.num_workers=2"])
+    assert load_config(None, ["stage2.global_batch=8", "scaling.num_workers=2"]).stage2.global_batch == 8
+
+
+def test_offload_needs_a_zero_stage() -> None:
+    with pytest.raises(ConfigError, match="offload_optimizer needs deepspeed.zero_stage 1, 2 or 3"):
+        load_config(None, ["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"])
+
+
+def test_relative_paths_follow_the_work_dir_and_inputs_the_current_directory(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "demo.yaml", ["run.work_dir=w", "data.input=in.json", "data.source=llava",
+                                              "scaling.storage_path=ray"])
+    resolved = cfg.with_absolute_paths(cwd=str(tmp_path))
+    assert resolved.run.work_dir == str(tmp_path / "w")
+    assert resolved.data.root == str(tmp_path / "w" / "datasets")
+    assert resolved.model.checkpoint == str(tmp_path / "w" / "base" / "tiny"), "the tiny base is built there"
+    assert resolved.scaling.storage_path == str(tmp_path / "w" / "ray")
+    assert resolved.data.input == str(tmp_path / "in.json"), "an input is where the user typed it"
+    assert resolved.with_absolute_paths(cwd="/elsewhere") == resolved, "idempotent"
+    given = load_config(None, ["model.arch=checkpoint", "model.checkpoint=ckpt/llava", "run.work_dir=w"])
+    assert given.with_absolute_paths(cwd=str(tmp_path)).model.checkpoint == str(tmp_path / "ckpt" / "llava")
+
+
+def test_a_relative_work_dir_inside_a_ray_job_package_goes_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    assert durable_work_dir(".duet", str(package)) == str(tmp_path / "home" / ".duet")
+    assert durable_work_dir("/data/duet", str(package)) == "/data/duet"
+    assert durable_work_dir(".duet", str(tmp_path)) == str(tmp_path / ".duet")

@@ -44,3 +44,44 @@ def test_config_has_batch_zero_and_precision(zero: int) -> None:
     assert ds["zero_optimization"]["stage"] == zero
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False) == (zero == 3)
+
+
+@pytest.mark.parametrize(("steps", "warmup_ratio"), [(40, 0.03), (1000, 0.03), (10, 0.0), (7, 0.5)])
+def test_schedule_matches_transformers_cosine_with_warmup(steps: int, warmup_ratio: float) -> None:
+    """LLaVA trains with transformers' schedule: the learning rate at every step is the same here."""
+    import math
+
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from components.train.loop import cosine_with_warmup
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make(optimizer)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours = lrs(lambda o: cosine_with_warmup(o, steps, warmup_ratio))
+    theirs = lrs(lambda o: get_cosine_schedule_with_warmup(o, math.ceil(steps * warmup_ratio), steps))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+@pytest.mark.slow  # DeepSpeed compiles its CPU Adam on first use (about two minutes on 2 cores)
+def test_offload_uses_deepspeeds_cpu_adam_with_both_learning_rates() -> None:
+    """DeepSpeed refuses a client torch optimizer under ZeRO-Offload; its own CPU Adam takes the same groups."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from components.train.loop import build_optimizer
+
+    model = torch.nn.ModuleDict({"lora_S": torch.nn.Linear(2, 2), "projector": torch.nn.Linear(2, 2)})
+    stage = StageConfig(name="stage2", lr=2e-5, adapter_lr=2e-4)
+    assert isinstance(build_optimizer(model, stage, offload=False), torch.optim.AdamW)
+    cpu_adam = build_optimizer(model, stage, offload=True)
+    assert isinstance(cpu_adam, DeepSpeedCPUAdam)
+    assert [(g["name"], g["lr"]) for g in cpu_adam.param_groups] == [("projector_vce", 2e-5), ("adapter", 2e-4)]

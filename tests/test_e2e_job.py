@@ -1,30 +1,51 @@
-"""End to end as users run it: `ray start --head` on 127.0.0.1, then `ray job submit -- python pipelines/full.py`.
+"""The paths users walk, as they walk them: a default `ray start --head`, `ray job submit`, and local scripts.
 
-The cluster runs with token auth on (Ray's default for `ray start --head`); the client
-passes RAY_AUTH_MODE=token. The job tracks to a real `mlflow server` on 127.0.0.1.
-Only the head and the server this test started are stopped.
+One head for the module, started the way the README says (`ray get-auth-token --generate`, then
+`RAY_AUTH_MODE=token ray start --head --node-ip-address 127.0.0.1` with its default CPU count: 2 on
+a 2-core machine, and Ray's default temp dir; the client passes RAY_AUTH_MODE=token too). On it: the demo pipeline through `ray job submit` with a
+relative work dir (mapped to the head's home, outside Ray's temporary copy of the project), and a
+stage that can never fit, refused naming the resources. Beside it, local runs of the scripts in
+fresh processes with the default environment (MLflow telemetry on): they start Ray instances of
+their own instead of tripping over the running cluster; a stage-1 artifact handed to finetune.py
+by path carries its lineage; a sweep finishes; user errors end in one line, not a traceback.
+Only the head and the server this module started are stopped.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
+BIN = Path(sys.executable).parent
+DEMO = "pipelines/configs/demo.yaml"
+# Variables that make MLflow switch its telemetry off (it looks for CI and pytest): users have none of them.
+_NOT_A_USER = ("PYTEST_CURRENT_TEST", "PYTEST_VERSION", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY",
+               "DO_NOT_TRACK", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")
+# Small sizes for every run of this module; the job runs the demo config itself otherwise.
+TINY = [
+    "data.num_records=160", "data.caption_records=80", "data.records_per_shard=40",
+    "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0",
+    "stage1.global_batch=8", "stage1.micro_batch=2", "stage1.max_steps=3", "stage1.checkpoint_every=3",
+    "stage2.global_batch=8", "stage2.micro_batch=2", "stage2.max_steps=3", "stage2.checkpoint_every=3",
+    "stage2.eval_batches=1", "adapter.r=8", "adapter.alpha=16",
+]
 
 
 def _free_port() -> int:
@@ -33,78 +54,103 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell has: the venv first on PATH, nothing that marks a test run."""
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_A_USER}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1", **extra)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
+def run_script(script: str, *args: str, timeout: int = 900, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python pipelines/SCRIPT ARGS` in a fresh process, from the checkout, as a user runs it."""
+    return subprocess.run([sys.executable, f"pipelines/{script}", *args], cwd=REPO, env=user_env(**env),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@dataclass
+class Head:
+    address: str  # the job server (dashboard) address for `ray job submit`
+    home: Path  # HOME of the head and the jobs it runs
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    temp = tmp_path_factory.mktemp("ray")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    home = tmp_path_factory.mktemp("head-home")
     dashboard = _free_port()
+    env = user_env(RAY_AUTH_MODE="token", HOME=str(home))
+    # As the README says: a token once (~/.ray/auth_token), then the head with token auth on.
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    gcs_port = _free_port()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-         # Own ports for the node's agents too: another Ray on this machine must not collide with them.
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         # Own ports for the node's agents: another Ray on this machine must not collide with them.
          "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
          "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-         "--ray-client-server-port", str(_free_port()),
-         "--temp-dir", str(temp), "--disable-usage-stats"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            probe = subprocess.run([RAY, "job", "list", "--address", address], env=_env(), capture_output=True)
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                   capture_output=True)
             if probe.returncode == 0:
                 break
             assert head.poll() is None, "ray start --head exited"
             time.sleep(2)
         else:
             pytest.fail("the Ray head's job server did not come up in 120 s")
-        yield address
+        yield Head(address, home)
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        # A stopped head leaves Ray's "current cluster" file behind; a plain ray.init(num_cpus=...) elsewhere
+        # would then try to join it. Remove it when it names this head (and only then).
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip() == f"127.0.0.1:{gcs_port}":
+            current.unlink()
 
 
-def _submit(address: str, work: Path, tracking_uri: str) -> str:
-    overrides = [
-        f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
-        f"tracking.tracking_uri={tracking_uri}", "run.name=e2e", "registry.model_name=duet-e2e",
-        "data.num_records=160", "data.caption_records=80", "data.records_per_shard=40",
-        "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0",
-        "stage1.global_batch=8", "stage1.micro_batch=2", "stage1.max_steps=3", "stage1.checkpoint_every=3",
-        "stage2.global_batch=8", "stage2.micro_batch=2", "stage2.max_steps=3", "stage2.checkpoint_every=3",
-        "stage2.eval_batches=1", "adapter.r=8", "adapter.alpha=16",
-        "eval.max_samples=8", "eval.max_new_tokens=8", "eval.batch_size=8", "eval.cpus_per_replica=0.5",
-    ]
-    args = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-            "python", "pipelines/full.py", "--config", "pipelines/configs/demo.yaml"]
-    for override in overrides:
-        args += ["--set", override]
+def _submit(head: Head, *overrides: str) -> subprocess.CompletedProcess[str]:
+    args = [str(BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", str(REPO), "--",
+            "python", "pipelines/full.py", "--config", DEMO, *sets(*overrides)]
+    env = user_env(RAY_AUTH_MODE="token", HOME=str(head.home))
     for _ in range(10):
-        done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=1500)
-        output = done.stdout + done.stderr
-        if "No available agent to submit job" not in output:
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1500)
+        if "No available agent to submit job" not in done.stdout + done.stderr:
             break
         time.sleep(5)  # the head's job agent registers a little after its REST API answers
-    assert done.returncode == 0, output[-6000:]
-    assert re.search(r"Job '.*' succeeded", output), output[-3000:]
-    return output
+    return done
 
 
-def test_full_pipeline_through_ray_job_submit(
-    ray_head: str, mlflow_server: MlflowServer, tmp_path: Path  # noqa: F811
+# ---------------------------------------------------------------- on the cluster
+
+
+def test_full_pipeline_through_ray_job_submit_on_a_default_head(
+    ray_head: Head, mlflow_server: MlflowServer  # noqa: F811
 ) -> None:
-    first = _submit(ray_head, tmp_path, mlflow_server.uri)
-    assert "promote:" in first
+    overrides = [*TINY, f"tracking.tracking_uri={mlflow_server.uri}", "run.name=e2e", "registry.model_name=duet-e2e",
+                 "eval.max_samples=8", "eval.max_new_tokens=8", "eval.batch_size=8"]
+    first = _submit(ray_head, *overrides)
+    output = first.stdout + first.stderr
+    assert first.returncode == 0 and re.search(r"Job '.*' succeeded", output), output[-6000:]
+    assert "promote:" in output
+    # The relative work dir of demo.yaml is not Ray's temporary copy of the project: it is the head's home.
+    durable = ray_head.home / ".duet"
+    assert "run.work_dir '.duet' is relative and this job runs in Ray's temporary copy" in output
+    assert (durable / "datasets" / "shapes" / "train" / "manifest.json").is_file()
+    assert (durable / "base" / "tiny" / "config.json").is_file()
+
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     champion = client.get_model_version_by_alias("duet-e2e", "champion")
     stage2 = client.get_run(champion.run_id)
@@ -121,7 +167,104 @@ def test_full_pipeline_through_ray_job_submit(
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.data.tags["duet.step"] for r in children} >= {"stage1", "stage2", "evaluate-zero-shot",
                                                           "evaluate-fine-tuned"}
+    # val_loss is logged where it was measured (after step 3), not carried forward to every step.
+    assert [m.step for m in client.get_metric_history(stage2.info.run_id, "val_loss")] == [3]
+    assert len(client.get_metric_history(stage2.info.run_id, "loss")) == 3
 
-    second = _submit(ray_head, tmp_path, mlflow_server.uri)
-    assert re.search(r"data caption: \d+ records, digest \w+ \(reused\)", second), second[-3000:]
-    assert "stage1: reused run " + stage1_id in second
+    second = _submit(ray_head, *overrides)
+    again = second.stdout + second.stderr
+    assert second.returncode == 0, again[-3000:]
+    assert re.search(r"data caption: \d+ records, digest \w+ \(reused\)", again), again[-3000:]
+    assert "stage1: reused run " + stage1_id in again
+
+
+def test_a_stage_the_cluster_can_never_hold_is_refused_naming_the_resources(ray_head: Head) -> None:
+    started = time.monotonic()
+    done = _submit(ray_head, *TINY, "scaling.num_workers=8", "run.name=too-big")
+    output = done.stdout + done.stderr
+    print(f"refused after {time.monotonic() - started:.0f} s")
+    assert done.returncode != 0 and re.search(r"Job '.*' failed", output), output[-4000:]
+    assert re.search(r"\[duet\] error: stage 1 needs [\d.]+ CPU at once \(8 training workers x 0\.\d+ CPU", output)
+    assert "but the Ray cluster has" in output and "ray start --head --num-cpus" in output
+    assert "Traceback" not in output
+    assert not (ray_head.home / ".duet" / "runs" / "too-big").exists(), "nothing was trained"
+
+
+# ---------------------------------------------------------------- local runs beside the cluster
+
+
+@dataclass
+class LocalRun:
+    work: Path
+    tracking_uri: str
+    artifact: Path
+    output: str
+
+
+@pytest.fixture(scope="module")
+def stage1_local(ray_head: Head, tmp_path_factory: pytest.TempPathFactory) -> LocalRun:
+    """pretrain.py run locally while the head is up: its own Ray instance, not the cluster's."""
+    work = tmp_path_factory.mktemp("local")
+    done = run_script("pretrain.py", "--config", DEMO, *sets(*TINY, f"run.work_dir={work}", "scaling.num_workers=1"))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    return LocalRun(work, f"sqlite:///{work / 'mlflow.db'}", work / "runs" / "demo" / "stage1" / "artifact", output)
+
+
+def test_a_local_run_beside_a_running_cluster_starts_its_own_ray(stage1_local: LocalRun) -> None:
+    assert "[duet] Ray: started a local instance" in stage1_local.output
+    assert "num_cpus and num_gpus must not be provided" not in stage1_local.output
+    meta = json.loads((stage1_local.artifact / "artifact.json").read_text())
+    assert meta["stage"] == 1 and meta["run_id"], "the artifact names the run that wrote it"
+    assert set(meta["files"]) == {"vce_projector.safetensors"}
+
+
+def test_finetune_from_a_stage1_artifact_given_by_path_with_optimizer_offload(stage1_local: LocalRun) -> None:
+    meta = json.loads((stage1_local.artifact / "artifact.json").read_text())
+    common = ["--config", DEMO, *sets(*TINY, f"run.work_dir={stage1_local.work}", "scaling.num_workers=1",
+                                      "run.name=from-path", "deepspeed.offload_optimizer=true")]
+    done = run_script("finetune.py", *common, "--stage1-artifact", str(stage1_local.artifact))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "stage 2 artifact:" in output and "ZeRORuntimeException" not in output
+
+    client = MlflowClient(tracking_uri=stage1_local.tracking_uri)
+    experiment = client.get_experiment_by_name("duet-demo")
+    (stage2,) = client.search_runs([experiment.experiment_id], "tags.`duet.step` = 'stage2'")
+    assert stage2.info.status == "FINISHED"
+    tags = stage2.data.tags
+    assert tags["duet.parent_stage_run_id"] == meta["run_id"], "lineage from the artifact's own record"
+    assert tags["duet.stage1_artifact_uri"] == str(stage1_local.artifact)
+    assert tags["duet.stage1_dataset_digest"] == meta["data_digest"]
+
+    before = len(client.search_runs([experiment.experiment_id]))
+    missing = run_script("finetune.py", *common, "--stage1-artifact", "/nonexistent/stage1")
+    assert missing.returncode == 1, missing.stderr[-3000:]
+    assert "[duet] error: no stage artifact at /nonexistent/stage1" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert len(client.search_runs([experiment.experiment_id])) == before, "no FAILED runs left behind"
+
+
+def test_a_sweep_with_mlflow_telemetry_on_finishes(stage1_local: LocalRun) -> None:
+    done = run_script("sweep.py", "--config", DEMO, *sets(
+        *TINY, f"run.work_dir={stage1_local.work}", "scaling.num_workers=1", "stage2.max_steps=2",
+        "stage2.eval_every=1", "tune.num_samples=2", "tune.grace_period=1", "tune.space.r=[4, 8]",
+        "tune.space.alpha_over_r=[2.0]",
+    ))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "_MLFLOW_TELEMETRY_SESSION_ID" not in output
+    assert re.search(r"\[duet\] best config: .*-best\.yaml", output)
+    assert "stage1: reused run" in output, "the sweep starts from the stage 1 already trained with this config"
+
+
+def test_a_missing_image_in_a_llava_input_ends_in_one_line(tmp_path: Path) -> None:
+    records = [{"id": "a", "image": "nowhere.png",
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}]
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    done = run_script("full.py", "--config", DEMO, *sets(
+        f"run.work_dir={tmp_path / 'work'}", "data.source=llava", f"data.input={tmp_path / 'llava.json'}",
+    ))
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert re.search(r"\[duet\] error: .*record 'a'.*nowhere\.png", done.stderr), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr

@@ -26,6 +26,7 @@ from components.data.conversation import (
 )
 from components.data.prepare import prepare, split_uri
 from components.data.synthetic import SyntheticShapes
+from components.errors import ArtifactError, DuetError
 from components.evaluate import (
     TABLE_COLUMNS,
     TEXT_COLUMNS,
@@ -173,9 +174,9 @@ def test_base_model_source_is_the_bare_checkpoint(eval_setup: EvalSetup, builder
 
 def test_mismatched_artifact_is_refused_before_any_replica_starts(eval_setup: EvalSetup) -> None:
     cfg = eval_config(Path(eval_setup.base).parent, "vce.points=2")
-    with pytest.raises(ValueError, match=r"(?s)cannot evaluate .*vce\.points: artifact 4 != config 2"):
+    with pytest.raises(ArtifactError, match=r"(?s)artifact .* does not match this config:.*vce\.points: artifact 4 != config 2"):
         check_model_source(cfg, eval_setup.stage2)
-    with pytest.raises(FileNotFoundError, match="not a stage artifact"):
+    with pytest.raises(ArtifactError, match="is not a stage artifact: it has no artifact.json"):
         check_model_source(eval_setup.cfg, eval_setup.base)
 
 
@@ -272,12 +273,13 @@ def test_cli_picks_models_and_refuses_bad_input_before_starting_ray(eval_setup: 
     assert models_to_evaluate(cfg, args) == {"zero-shot": None, "fine-tuned": eval_setup.stage2}
     overrides = [f"--set=model.checkpoint={eval_setup.base}", f"--set=data.root={cfg.data.root}",
                  "--set=model.tiny.vision_layers=4", "--set=vce.anchor_layer=-1", "--set=vce.reference_layers=[-2,-3]"]
-    with pytest.raises(SystemExit, match=r"use a file name ending in \.csv"):
-        main([*overrides, "--model", eval_setup.stage2, "--output", str(tmp_path / "t.parquet")])
-    with pytest.raises(SystemExit, match="not a stage artifact"):
-        main([*overrides, "--model", str(tmp_path)])
-    with pytest.raises(SystemExit, match="the split was never prepared"):
-        main([*overrides, "--model", eval_setup.stage2, "--split", "validation"])
+    for argv, message in [
+        (["--model", eval_setup.stage2, "--output", str(tmp_path / "t.parquet")], r"use a file name ending in \.csv"),
+        (["--model", str(tmp_path)], "is not a stage artifact: it has no artifact.json"),
+        (["--model", eval_setup.stage2, "--split", "validation"], "the split was never prepared"),
+    ]:
+        with pytest.raises(DuetError, match=message):
+            main([*overrides, *argv])
     assert ray.is_initialized() == ray_was_up
 
 

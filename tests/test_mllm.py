@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from components.config import PipelineConfig, load_config
+from components.errors import ArtifactError
 from components.model.adapters import is_adapter_param
 from components.model.mllm import (
     VCEProjector,
@@ -149,7 +150,7 @@ def test_stage2_refuses_an_artifact_with_another_vce(tiny_cfg: PipelineConfig, t
     other = tiny_cfg.model_copy(update={"vce": tiny_cfg.vce.model_copy(update={"points": 2})})
     with pytest.raises(ValueError, match=r"vce.points: artifact 4 != config 2"):
         check_compatible(other, str(tmp_path / "s1"))
-    with pytest.raises(FileNotFoundError, match="not a stage artifact"):
+    with pytest.raises(ArtifactError, match="no stage artifact at .*nothing is there"):
         check_compatible(tiny_cfg, str(tmp_path / "nothing"))
 
 

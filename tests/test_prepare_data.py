@@ -15,8 +15,14 @@ from PIL import Image
 
 from components import storage
 from components.config import StorageConfig
+from components.console import run_script
 from components.data.shards import read_manifest, shard_uris
-from pipelines.prepare_data import main
+from pipelines.prepare_data import main as _main
+
+
+def main(argv: list[str]) -> int:
+    """The script as its command line runs it: a user error ends in a message and an exit status."""
+    return run_script(lambda: _main(argv))
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (12, 8)) -> bytes:

@@ -126,3 +126,59 @@ def test_ensure_bucket_is_idempotent(s3_endpoint: S3Endpoint) -> None:
     storage.ensure_bucket("s3://idempotent-bucket/x", cfg)
     storage.write_text("s3://idempotent-bucket/x/f", "1", cfg)
     assert storage.read_text("s3://idempotent-bucket/x/f", cfg) == "1"
+
+
+# ---------------------------------------------------------------- local copies of remote checkpoints
+
+
+def _remote_folder(bucket: str, cfg: StorageConfig, tmp_path: Path) -> tuple[str, dict[str, bytes]]:
+    files = {"config.json": b'{"a": 1}', "model-00001-of-00002.safetensors": os.urandom(300_000),
+             "model-00002-of-00002.safetensors": os.urandom(200_000), "sub/tokenizer.json": b"{}"}
+    local = tmp_path / "src"
+    for name, data in files.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    uri = storage.join(bucket, "checkpoints", "tiny")
+    storage.copy_dir(local, uri, cfg)
+    return uri, files
+
+
+def test_local_copy_is_complete_once_and_ignores_an_interrupted_download(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "cache_root", lambda: tmp_path / "cache")
+    cfg = s3_endpoint.storage_config()
+    uri, files = _remote_folder(s3_bucket, cfg, tmp_path)
+    # What an interrupted download used to leave: config.json first (it sorts first), no shards.
+    key_dirs = tmp_path / "cache" / "checkpoints"
+    key_dirs.mkdir(parents=True)
+    (key_dirs / ".partial-x-1").mkdir()
+    (key_dirs / ".partial-x-1" / "config.json").write_bytes(files["config.json"])
+
+    local = storage.local_copy(uri, cfg, kind="checkpoints")
+    assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()} == files
+    assert storage.local_copy(uri, cfg, kind="checkpoints") == local, "downloaded once"
+    assert not [p for p in key_dirs.iterdir() if p.name.startswith(".partial-") and p.name != ".partial-x-1"]
+
+    # A folder rewritten in place is fetched again, not served stale.
+    changed = tmp_path / "changed.json"
+    changed.write_bytes(b'{"a": 2, "longer": true}')
+    storage.upload_file(changed, storage.join(uri, "config.json"), cfg)
+    again = storage.local_copy(uri, cfg, kind="checkpoints")
+    assert again != local and (again / "config.json").read_bytes() == changed.read_bytes()
+
+
+def test_concurrent_local_copies_download_once(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(storage, "cache_root", lambda: tmp_path / "cache")
+    cfg = s3_endpoint.storage_config()
+    uri, _ = _remote_folder(s3_bucket, cfg, tmp_path)
+    downloads = []
+    real_copy = storage.pafs.copy_files
+    monkeypatch.setattr(storage.pafs, "copy_files", lambda *a, **k: (downloads.append(1), real_copy(*a, **k))[1])
+    with ThreadPoolExecutor(4) as pool:
+        copies = set(pool.map(lambda _: storage.local_copy(uri, cfg), range(4)))
+    assert len(copies) == 1 and len(downloads) == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -254,3 +256,22 @@ def test_unreachable_server_fails_fast_with_a_fix(monkeypatch: pytest.MonkeyPatc
     message = str(err.value)
     assert "127.0.0.1" in message and "mlflow server" in message and "MLFLOW_TRACKING_URI" in message
     assert "hunter2secret" not in message
+
+
+def test_redaction_does_not_race_threads_that_change_the_environment() -> None:
+    """MLflow's telemetry thread removes a variable while the sweep's driver masks a text (a KeyError once)."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["_DUET_TEST_CHURN"] = "x"
+            os.environ.pop("_DUET_TEST_CHURN", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert redact("nothing secret here") == "nothing secret here"
+    finally:
+        stop.set()
+        thread.join()

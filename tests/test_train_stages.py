@@ -50,7 +50,7 @@ def cluster(work: Path):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     cfg = _config(work)
-    base = ensure_base_model(cfg, ensure_dataset(cfg))
+    base, _ = ensure_base_model(cfg, ensure_dataset(cfg))
     yield {1: stage_data(cfg, 1, base), 2: stage_data(cfg, 2, base)}
     ray.shutdown()
 

@@ -1,6 +1,6 @@
 """Ray Tune sweeps over stage 2: the search space, applying a search point, and a real 4-trial ASHA sweep.
 
-The sweep test runs pipelines/sweep.py on the tiny model with trials of one worker each, two at a
+The sweep test runs what pipelines/sweep.py runs on the tiny model with trials of one worker each, two at a
 time, against the embedded SQLite MLflow store; the unit tests above it start no Ray.
 """
 
@@ -165,12 +165,12 @@ def test_check_sweepable_refuses_what_cannot_work() -> None:
 def test_sweep_cli_refuses_an_unsweepable_config_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from components.console import run_script
     from pipelines.sweep import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(DEMO), "--set", "adapter.type=moe_lora_topk", "--set", f"run.work_dir={tmp_path}"])
-    assert exit_info.value.code == 2
-    assert "adapter.type 'moe_lora_topk' cannot be swept" in capsys.readouterr().err
+    argv = ["--config", str(DEMO), "--set", "adapter.type=moe_lora_topk", "--set", f"run.work_dir={tmp_path}"]
+    assert run_script(lambda: main(argv)) == 2
+    assert "[duet] error: adapter.type 'moe_lora_topk' cannot be swept" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing written"
 
 
@@ -236,14 +236,13 @@ def cluster():
 
 @pytest.mark.slow
 def test_sweep_stops_weak_trials_tracks_every_trial_and_writes_the_best_config(tmp_path: Path, cluster) -> None:
-    from pipelines.sweep import main
+    from components.workflow import run_sweep
 
     output = tmp_path / "best.yaml"
-    started = time.perf_counter()
-    result = main(["--config", str(DEMO), *[a for o in _overrides(tmp_path) for a in ("--set", o)],
-                   "--output", str(output)])
-    print(f"sweep pipeline wall time: {time.perf_counter() - started:.0f} s")
     cfg = load_config(DEMO, _overrides(tmp_path))
+    started = time.perf_counter()
+    result = run_sweep(cfg, str(output))  # what pipelines/sweep.py runs
+    print(f"sweep pipeline wall time: {time.perf_counter() - started:.0f} s")
 
     # Tune: four trials, all ended by Tune without error, at least one stopped early by ASHA.
     rows = {row.trial_id: row for row in result.trials}

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 import ray
 
+from components.errors import DuetError
 
-class DataQualityError(RuntimeError):
+
+class DataQualityError(DuetError, RuntimeError):
     """Too many bad rows in a split; the message names the worst shard and the counts by reason."""
 
 

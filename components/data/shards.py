@@ -36,6 +36,7 @@ from typing import Any
 
 from components import storage
 from components.config import StorageConfig
+from components.errors import DuetError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -48,11 +49,11 @@ _SHARD_NAME = re.compile(r"^shard-\d{5,}\.tar$")
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class RecordError(ValueError):
+class RecordError(DuetError, ValueError):
     """A source record that cannot be written; the message names the record id, the field and the fix."""
 
 
-class ManifestError(ValueError):
+class ManifestError(DuetError, ValueError):
     """A missing, unreadable or inconsistent manifest."""
 
 

@@ -27,11 +27,13 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraLayer
 from torch import nn
 
+from components.errors import DuetError
+
 CONFIG_FILE = "adapter_config.json"
 TASK_ACTIVATIONS = ("relu", "none")
 
 
-class NotMergeableError(RuntimeError):
+class NotMergeableError(DuetError, RuntimeError):
     """Raised by merge/unmerge: the adapter's update depends on the input, so W cannot absorb it."""
 
 

@@ -29,6 +29,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from components import storage
 from components.config import PipelineConfig, StageConfig, StorageConfig, VCEConfig, dump_config
+from components.errors import ArtifactError
 from components.model.adapters import apply_adapter, is_adapter_param, load_adapter
 from components.model.vce import VisualCueEnhancer
 
@@ -108,19 +109,22 @@ def projector_module(model: nn.Module) -> nn.Module:
 
 
 def local_checkpoint(uri: str, storage_cfg: StorageConfig | None = None) -> str:
-    """A local directory for a checkpoint URI (object-store checkpoints are downloaded once)."""
+    """A local directory for a checkpoint URI (an object-store checkpoint is downloaded once per machine)."""
     if not storage.is_remote(uri):
         path = storage.resolve(uri)[1]
         if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(
+            raise ArtifactError(
                 f"model.checkpoint {uri!r} has no config.json: point it at a LlavaForConditionalGeneration "
                 "checkpoint directory (save_pretrained layout)"
             )
         return path
-    cache = Path(tempfile.gettempdir()) / "duet-checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (cache / "config.json").is_file():
-        storage.download_dir(uri, str(cache), storage_cfg)
-    return str(cache)
+    try:
+        local = storage.local_copy(uri, storage_cfg, kind="checkpoints")
+    except FileNotFoundError:
+        raise ArtifactError(f"model.checkpoint {uri!r}: nothing is stored there (check the URI)") from None
+    if not (local / "config.json").is_file():
+        raise ArtifactError(f"model.checkpoint {uri!r} has no config.json: it is not a save_pretrained checkpoint")
+    return str(local)
 
 
 def load_base_model(cfg: PipelineConfig, dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:
@@ -167,7 +171,8 @@ def build_model(cfg: PipelineConfig, stage: int, stage1_artifact: str | None = N
     model = attach_vce(load_base_model(cfg, dtype), cfg.vce)
     if stage == 2:
         if stage1_artifact is not None:
-            load_projector_weights(model, stage1_artifact, cfg.storage)
+            folder, _ = local_artifact(stage1_artifact, cfg.storage)
+            load_projector_weights(model, folder, stage1_artifact)
         model = apply_adapter(model, cfg.adapter)
     set_trainable(model, stage)
     if cfg.model.gradient_checkpointing:
@@ -225,16 +230,39 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class ArtifactMeta:
-    """What a stage artifact was trained with: checked before stage 2 builds on it."""
+    """What a stage artifact was trained with: checked before stage 2 builds on it.
+
+    `run_id` is the MLflow run that wrote it (lineage for a stage given by URI), `files` the size and
+    sha256 of each file beside artifact.json (a damaged or incomplete copy is refused). Artifacts
+    written before these fields existed load with them empty.
+    """
 
     stage: int
     model_signature: dict[str, Any]
     vce_signature: dict[str, Any]
     data_digest: str | None
     adapter_type: str | None
+    run_id: str | None = None
+    files: dict[str, dict[str, Any]] | None = None
 
     @staticmethod
-    def from_dict(raw: dict[str, Any]) -> ArtifactMeta:
+    def from_dict(raw: Any, where: str = ARTIFACT_META) -> ArtifactMeta:
+        """Validate a parsed artifact.json; an ArtifactError names the file and the field."""
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where} must hold a JSON object, got {type(raw).__name__}: the artifact is damaged")
+        kinds: dict[str, tuple[type, ...]] = {
+            "stage": (int,), "model_signature": (dict,), "vce_signature": (dict,), "data_digest": (str, type(None)),
+            "adapter_type": (str, type(None)), "run_id": (str, type(None)), "files": (dict, type(None)),
+        }
+        required = ("stage", "model_signature", "vce_signature")
+        for name, allowed in kinds.items():
+            if name not in raw and name in required:
+                raise ArtifactError(f"{where} has no {name!r}: it was not written by a finished duet stage")
+            value = raw.get(name)
+            if not isinstance(value, allowed) or isinstance(value, bool):
+                raise ArtifactError(f"{where}: {name!r} is {value!r:.80}, which is not a {allowed[0].__name__}")
+        if raw["stage"] not in (1, 2):
+            raise ArtifactError(f"{where}: 'stage' is {raw['stage']!r}; a stage artifact is from stage 1 or 2")
         return ArtifactMeta(**{k: raw.get(k) for k in ArtifactMeta.__dataclass_fields__})
 
 
@@ -246,13 +274,33 @@ def vce_signature(cfg: PipelineConfig) -> dict[str, Any]:
     return cfg.vce.model_dump(mode="json")
 
 
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the weight and adapter files under `folder`, by relative path.
+
+    config.yaml describes the run and is left out: a package replaces it with a redacted copy.
+    """
+    return {
+        file.relative_to(folder).as_posix(): {"size": file.stat().st_size, "sha256": _sha256(file)}
+        for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ARTIFACT_CONFIG)
+    }
+
+
 def save_stage_artifact(
     model: nn.Module, cfg: PipelineConfig, stage: int, uri: str, data_digest: str | None,
-    state: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None, run_id: str | None = None,
 ) -> str:
     """Write the stable stage layout: VCE + projector safetensors, PEFT adapter, resolved config, meta.
 
     `state` may carry already-gathered trainable weights (ZeRO-3); by default they are read from `model`.
+    artifact.json is written last, so a folder with one is complete.
     """
     prefix = _projector_prefix(model)
     full_state = state if state is not None else trainable_state_dict(model)
@@ -268,23 +316,42 @@ def save_stage_artifact(
         (out / ARTIFACT_CONFIG).write_text(dump_config(cfg))
         meta = ArtifactMeta(
             stage=stage, model_signature=model_signature(cfg), vce_signature=vce_signature(cfg),
-            data_digest=data_digest, adapter_type=cfg.adapter.type if stage == 2 else None,
+            data_digest=data_digest, adapter_type=cfg.adapter.type if stage == 2 else None, run_id=run_id,
+            files=_file_records(out),
         )
-        (out / ARTIFACT_META).write_text(json.dumps(meta.__dict__, indent=2, sort_keys=True))
         storage.copy_dir(str(out), uri, cfg.storage)
+        storage.write_text(storage.join(uri, ARTIFACT_META), json.dumps(meta.__dict__, indent=2, sort_keys=True),
+                           cfg.storage)
     return uri
 
 
 def read_artifact_meta(uri: str, storage_cfg: StorageConfig | None = None) -> ArtifactMeta:
+    """The validated artifact.json of a stage artifact; an ArtifactError names the path when it is not one."""
     meta_uri = storage.join(uri, ARTIFACT_META)
-    if not storage.exists(meta_uri, storage_cfg):
-        raise FileNotFoundError(f"{uri!r} is not a stage artifact (no {ARTIFACT_META}); was the stage finished?")
-    return ArtifactMeta.from_dict(json.loads(storage.read_text(meta_uri, storage_cfg)))
+    try:
+        text = storage.read_text(meta_uri, storage_cfg)
+    except FileNotFoundError:
+        if not storage.exists(uri, storage_cfg):
+            raise ArtifactError(f"no stage artifact at {uri}: nothing is there (check the path or URI)") from None
+        raise ArtifactError(
+            f"{uri} is not a stage artifact: it has no {ARTIFACT_META} (a finished stage writes one; "
+            "point at {storage}/{run}/stage1/artifact or stage2/artifact)"
+        ) from None
+    except (IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{meta_uri} cannot be read ({type(exc).__name__}): the artifact is damaged") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ArtifactError(f"{meta_uri} is not valid JSON ({exc}): the artifact is damaged; re-run the stage "
+                            "that wrote it") from None
+    return ArtifactMeta.from_dict(raw, meta_uri)
 
 
-def check_compatible(cfg: PipelineConfig, uri: str) -> ArtifactMeta:
-    """Refuse a stage-1 artifact trained with another model or VCE config, naming the difference."""
+def check_compatible(cfg: PipelineConfig, uri: str, stage: int | None = None) -> ArtifactMeta:
+    """Refuse an artifact trained with another model or VCE config (or from the wrong stage), naming the difference."""
     meta = read_artifact_meta(uri, cfg.storage)
+    if stage is not None and meta.stage != stage:
+        raise ArtifactError(f"{uri} is a stage-{meta.stage} artifact, not stage {stage}")
     diffs = [
         f"model.{k}: artifact {meta.model_signature.get(k)!r} != config {v!r}"
         for k, v in model_signature(cfg).items() if meta.model_signature.get(k) != v
@@ -293,8 +360,26 @@ def check_compatible(cfg: PipelineConfig, uri: str) -> ArtifactMeta:
         for k, v in vce_signature(cfg).items() if meta.vce_signature.get(k) != v
     ]
     if diffs:
-        raise ValueError(f"stage-1 artifact {uri!r} does not match this config:\n  " + "\n  ".join(diffs))
+        raise ArtifactError(f"stage-{meta.stage} artifact {uri!r} does not match this config:\n  " + "\n  ".join(diffs))
     return meta
+
+
+def local_artifact(uri: str, storage_cfg: StorageConfig | None = None) -> tuple[Path, ArtifactMeta]:
+    """A stage artifact as a local folder (a remote one is downloaded once per machine), checked against
+    the sizes and checksums its artifact.json records."""
+    meta = read_artifact_meta(uri, storage_cfg)
+    folder = Path(storage.resolve(uri)[1]) if not storage.is_remote(uri) else storage.local_copy(
+        uri, storage_cfg, kind="artifacts")
+    for rel, record in (meta.files or {}).items():
+        file = folder / rel
+        if not file.is_file():
+            raise ArtifactError(f"stage artifact {uri}: {rel} is missing (artifact.json lists it); re-run the stage")
+        if file.stat().st_size != record.get("size") or _sha256(file) != record.get("sha256"):
+            raise ArtifactError(
+                f"stage artifact {uri}: {rel} does not match the checksum artifact.json records (damaged or "
+                "partly overwritten); re-run the stage that wrote it"
+            )
+    return folder, meta
 
 
 def _projector_prefix(model: nn.Module) -> str:
@@ -305,26 +390,24 @@ def _projector_prefix(model: nn.Module) -> str:
     raise RuntimeError("projector not found among the model's modules")
 
 
-def load_projector_weights(model: nn.Module, uri: str, storage_cfg: StorageConfig | None = None) -> None:
-    """Load VCE + projector weights (safetensors: no pickle) from a stage artifact into `model`."""
-    weights = load(storage.read_bytes(storage.join(uri, ARTIFACT_WEIGHTS), storage_cfg))
+def load_projector_weights(model: nn.Module, folder: str | Path, where: str) -> None:
+    """Load VCE + projector weights (safetensors: no pickle) from a local artifact folder into `model`."""
+    weights = load((Path(folder) / ARTIFACT_WEIGHTS).read_bytes())
     missing, unexpected = projector_module(model).load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(
-            f"stage artifact {uri!r} does not fit this model's projector/VCE: missing {sorted(missing)[:5]}, "
+        raise ArtifactError(
+            f"stage artifact {where!r} does not fit this model's projector/VCE: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]} (was it trained with another vce/model config?)"
         )
 
 
 def load_stage_model(cfg: PipelineConfig, uri: str, dtype: torch.dtype | None = None) -> nn.Module:
     """A ready-to-use model from a stage artifact: base + VCE/projector weights (+ adapter for stage 2)."""
-    meta = read_artifact_meta(uri, cfg.storage)
+    folder, meta = local_artifact(uri, cfg.storage)
     model = attach_vce(load_base_model(cfg, dtype), cfg.vce)
-    load_projector_weights(model, uri, cfg.storage)
-    if meta.stage == 2 and storage.exists(storage.join(uri, ARTIFACT_ADAPTER, "adapter_config.json"), cfg.storage):
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.download_dir(storage.join(uri, ARTIFACT_ADAPTER), tmp, cfg.storage)
-            model = load_adapter(model, tmp)
+    load_projector_weights(model, folder, uri)
+    if meta.stage == 2 and (folder / ARTIFACT_ADAPTER / "adapter_config.json").is_file():
+        model = load_adapter(model, str(folder / ARTIFACT_ADAPTER))
     model.eval()
     return model
 

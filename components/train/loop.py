@@ -33,17 +33,21 @@ import ray.train
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
-from components.config import PipelineConfig, StageConfig, config_from_dict
+from components.config import ConfigError, PipelineConfig, StageConfig, config_from_dict
 from components.data.pipeline import make_collate
+from components.errors import DuetError
 from components.model.mllm import build_model, parameter_groups, save_stage_artifact, trainable_state_dict
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
 
 log = logging.getLogger("duet.train")
 
 PROGRESS_FILE = "progress.json"
+# Set in a step's metrics when val_loss was measured at that step (it is carried forward in between).
+VAL_MEASURED = "val_measured"
 CHECKPOINT_TAG = "state"
 
 
@@ -62,6 +66,7 @@ class LoopSettings:
     val_dataset: str | None = None  # datasets are named "{name}_{rank}": one deterministic stream per worker
     metrics_sink: Any = None
     processor_dir: str = ""
+    run_id: str | None = None  # the MLflow run of this stage, recorded in the artifact (lineage)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +82,7 @@ def total_steps(stage_cfg: StageConfig, num_samples: int) -> int:
         return stage_cfg.max_steps
     per_epoch = num_samples // stage_cfg.global_batch
     if per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{stage_cfg.name}: {num_samples} training samples do not fill one global batch of "
             f"{stage_cfg.global_batch}; lower {stage_cfg.name}.global_batch or add data"
         )
@@ -85,16 +90,33 @@ def total_steps(stage_cfg: StageConfig, num_samples: int) -> int:
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> Any:
-    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to zero (LLaVA's schedule)."""
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to zero.
+
+    The same factor as transformers' `get_cosine_schedule_with_warmup`, which LLaVA trains with:
+    `step / warmup` during warm-up (so the first step has learning rate 0), then
+    `0.5 * (1 + cos(pi * progress))`.
+    """
     warmup = math.ceil(steps * warmup_ratio)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / max(1, warmup)
         progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(model: torch.nn.Module, stage_cfg: StageConfig, offload: bool) -> torch.optim.Optimizer:
+    """AdamW over the stage's two learning-rate groups (adapter; projector + VCE).
+
+    Under ZeRO-Offload DeepSpeed steps the optimizer on the CPU and accepts only its own CPU Adam
+    (`DeepSpeedCPUAdam`, the same AdamW update, compiled on first use); otherwise torch's AdamW.
+    """
+    groups = parameter_groups(model, stage_cfg)
+    if offload:
+        return DeepSpeedCPUAdam(groups, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +170,7 @@ CHECKPOINT_SAFE_GLOBALS = [
 ]
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(DuetError, RuntimeError):
     """A checkpoint file holds objects outside the allow-list: it was not written by this training loop."""
 
 
@@ -246,7 +268,8 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, settings.stage, settings.stage1_artifact)
-    optimizer = torch.optim.AdamW(parameter_groups(model, stage_cfg), betas=(0.9, 0.999), eps=1e-8)
+    offload = cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage >= 1
+    optimizer = build_optimizer(model, stage_cfg, offload)
     scheduler = cosine_with_warmup(optimizer, steps, stage_cfg.warmup_ratio)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -304,6 +327,8 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
             if val_name is not None:
                 if step % eval_every == 0 or step == steps:
                     val_loss = _validation_loss(engine, val_name, plan, collate, stage_cfg.eval_batches)
+                    metrics[VAL_MEASURED] = 1.0
+                # Always reported (Tune's schedulers compare every report); logged only where measured.
                 metrics["val_loss"] = val_loss
             if rank == 0 and step % stage_cfg.log_every == 0:
                 log.info(
@@ -321,7 +346,8 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
                 break  # done, or the epoch's complete global batches are used up
     state = _gather_trainable(engine, cfg.deepspeed.zero_stage)
     if rank == 0:
-        save_stage_artifact(engine.module, cfg, settings.stage, settings.artifact_uri, settings.data_digest, state)
+        save_stage_artifact(engine.module, cfg, settings.stage, settings.artifact_uri, settings.data_digest, state,
+                            run_id=settings.run_id)
         log.info("%s artifact written to %s", stage_cfg.name, settings.artifact_uri)
     if dist.is_initialized():
         dist.barrier()

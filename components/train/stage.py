@@ -20,12 +20,16 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from components import storage
+from components.cluster import use_gpu_for_training
 from components.config import PipelineConfig
 from components.data.pipeline import build_dataset
 from components.model.mllm import check_compatible
-from components.train.loop import LoopSettings, stage_config, train_loop_per_worker
+from components.train.loop import LoopSettings, stage_config, total_steps, train_loop_per_worker
 
 log = logging.getLogger("duet.stage")
+
+# The dataset split each stage trains on: captions align VCE + projector, instructions fine-tune.
+STAGE_SPLITS = {1: "caption", 2: "train"}
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,6 @@ class MetricsSink:
     def drain(self) -> list[dict[str, Any]]:
         rows, self._rows = self._rows, []
         return rows
-
-
-def resolve_use_gpu(cfg: PipelineConfig) -> bool:
-    """`auto` trains on GPUs when the cluster has any (the head may have none: ask the cluster)."""
-    if cfg.scaling.use_gpu != "auto":
-        return bool(cfg.scaling.use_gpu)
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def storage_root(cfg: PipelineConfig) -> str:
@@ -108,17 +105,22 @@ def run_stage(
     run_name: str | None = None,
     artifact: str | None = None,
     callbacks: list[Any] | None = None,
+    run_id: str | None = None,
 ) -> StageResult:
     """Train one stage to completion (resuming if a run of the same name exists) and write its artifact.
 
     `run_name` and `artifact` override the stable defaults (Tune trials use their own); `callbacks`
-    are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when the stage runs inside a trial.
+    are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when the stage runs inside a trial;
+    `run_id` (the stage's MLflow run) is recorded in the artifact. Everything a worker would refuse
+    (the stage-1 artifact, too few samples for one global batch) is checked here first: a worker's
+    error would be retried `scaling.max_failures` times before it reached the user.
     """
     if stage == 2:
         if stage1_artifact is None:
             raise ValueError("stage 2 needs the stage-1 artifact URI (run stage 1 first, or pass --stage1-artifact)")
-        check_compatible(cfg, stage1_artifact)
-    use_gpu = resolve_use_gpu(cfg)
+        check_compatible(cfg, stage1_artifact, stage=1)
+    total_steps(stage_config(cfg, stage), data.num_train_samples)
+    use_gpu = use_gpu_for_training(cfg)
     world = cfg.scaling.num_workers
     name = run_name or trainer_run_name(cfg, stage)
     out_uri = artifact or artifact_uri(cfg, stage)
@@ -128,7 +130,7 @@ def run_stage(
         config=cfg.model_dump(mode="json"), stage=stage, num_train_samples=data.num_train_samples,
         artifact_uri=out_uri, data_digest=data.digest, stage1_artifact=stage1_artifact, use_gpu=use_gpu,
         train_dataset="train", val_dataset="val" if data.val_uri else None, metrics_sink=sink,
-        processor_dir=data.processor_dir,
+        processor_dir=data.processor_dir, run_id=run_id,
     )
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:

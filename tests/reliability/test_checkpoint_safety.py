@@ -218,7 +218,7 @@ def test_a_stage_artifact_whose_weights_are_a_pickle_is_refused(tmp_path: Path) 
     artifact.mkdir()
     plant(artifact / ARTIFACT_WEIGHTS, marker)
     with pytest.raises(SafetensorError):
-        load_projector_weights(torch.nn.Module(), str(artifact))
+        load_projector_weights(torch.nn.Module(), artifact, str(artifact))
     assert not marker.exists()
 
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,53 @@ def test_a_stage_outlives_a_tracking_outage_and_a_rerun_logs_every_step(
     assert resumed.data.tags["duet.continues_run"] == interrupted.info.run_id
     assert _steps(mlflow_server.uri, resumed.info.run_id) == list(range(1, STEPS + 1)), "the whole curve"
     assert not Path(kept).exists(), "the kept metrics are removed once logged"
+
+
+# ---------------------------------------------------------------- a sweep losing the server
+
+
+@dataclass
+class _Trial:
+    """The part of a ray.tune Trial that the ledger reads."""
+
+    trial_id: str
+    config: dict[str, float]
+
+    def get_error(self) -> None:
+        return None
+
+
+def test_a_sweep_ledger_never_waits_on_a_lost_server_and_catches_up(
+    proxied: FlakyProxy, mlflow_server: MlflowServer, tmp_path: Path  # noqa: F811
+) -> None:
+    from components.config import load_config
+    from components.train.stage import StageData
+    from components.tune import TrialLedger
+
+    tracker, _ = _tracker(proxied, tmp_path)
+    cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"run.work_dir={tmp_path}", "tracking.outage_timeout_s=60"])
+    data = StageData(train_uri=str(tmp_path / "train"), num_train_samples=64, digest="d" * 64,
+                     processor_dir=str(tmp_path), num_visual_tokens=64)
+    trial = _Trial("t_00000", {"r": 8, "alpha_over_r": 2.0, "adapter_lr": 1e-4, "lr": 1e-5})
+    with tracker.parent_run("sweep") as parent:
+        ledger = TrialLedger(cfg, data, str(tmp_path / "sweep"), steps=4, experiment="x",
+                             stage1_artifact=str(tmp_path / "stage1"), tracker=tracker, parent_run_id=parent)
+        ledger.on_trial_start(0, [], trial)
+        ledger.on_trial_result(0, [], trial, {"step": 1, "loss": 1.0, "val_loss": 2.0, "val_measured": 1.0})
+        proxied.cut()
+        started = time.monotonic()
+        for step in (2, 3, 4):
+            ledger.on_trial_result(0, [], trial, {"step": step, "loss": 1.0 / step, "val_loss": 2.0 - step / 10,
+                                                  "val_measured": float(step == 4)})
+        ledger.on_trial_complete(0, [], trial)
+        assert time.monotonic() - started < 2, "Tune's hooks only queue: the sweep never waits on the store"
+        time.sleep(3)  # the ledger retries while the server is away
+        proxied.resume()
+        ledger.close()  # waits for what is queued
+
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([tracker.experiment_id], "tags.`duet.kind` = 'trial'")
+    assert run.info.status == "FINISHED" and run.data.tags["duet.trial_id"] == "t_00000"
+    assert _steps(mlflow_server.uri, run.info.run_id) == [1, 2, 3, 4]
+    assert _steps(mlflow_server.uri, run.info.run_id, "val_loss") == [1, 4], "logged where it was measured"
+    assert run.data.params["adapter.r"] == "8"

@@ -1,0 +1,166 @@
+"""The Ray cluster a pipeline runs on: joining or starting it, and whether it can hold a step.
+
+A stage holds its training workers and, beside each of them, the Ray Data
+processes that feed it (a shard reader, a text actor and an image actor per
+stream; a second stream for validation), all at once: Ray places them as the
+resources free up, so a cluster too small for the whole set does not fail, it
+waits forever. `check_fits` turns that wait into an error that names the
+resources, before any work is done. A cluster with an autoscaler is judged by
+what it can grow to, not by what it has now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from components.config import PipelineConfig
+from components.errors import ClusterTooSmallError
+
+log = logging.getLogger(__name__)
+
+# A local Ray gets at least this many logical CPUs, so training workers and the Ray Data
+# actors that feed them are schedulable side by side even on a 2-core laptop.
+LOCAL_MIN_CPUS = 4
+# Processes per data stream that hold data.preprocess_num_cpus: reader, text actors, image actors.
+_READER = 1
+
+
+def init_ray(cfg: PipelineConfig) -> str:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local instance of our own.
+
+    Without RAY_ADDRESS a plain `ray.init()` would join any cluster a `ray start` left running on
+    this machine (and then refuse `num_cpus`); a local run never does that by accident: it starts
+    its own instance (`address="local"`). Returns a line that says which.
+    """
+    if ray.is_initialized():
+        return "Ray: already connected"
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(log_to_driver=True)
+        return f"Ray: joined the cluster at {address} ({_describe(ray.cluster_resources())})"
+    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True)
+    return (f"Ray: started a local instance ({_describe(ray.cluster_resources())}); set RAY_ADDRESS or use "
+            "`ray job submit` to run on a cluster")
+
+
+def use_gpu_for_training(cfg: PipelineConfig) -> bool:
+    """`scaling.use_gpu: auto` trains on GPUs when the cluster has any (the head may have none: ask the cluster)."""
+    if cfg.scaling.use_gpu != "auto":
+        return bool(cfg.scaling.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def use_gpu_for_evaluation(cfg: PipelineConfig) -> bool:
+    """`eval.use_gpu: auto`: the Ray cluster (or, before Ray starts, this machine) has GPUs."""
+    if cfg.eval.use_gpu != "auto":
+        return bool(cfg.eval.use_gpu)
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- what a step holds at once
+
+
+@dataclass(frozen=True)
+class Need:
+    """Resources a step holds at once, and how they add up (for the message when they do not fit)."""
+
+    what: str
+    resources: dict[str, float]
+    breakdown: str
+
+
+def data_cpus_per_worker(cfg: PipelineConfig, has_validation: bool) -> float:
+    """CPUs the Ray Data streams of one training worker hold at peak (see components/data/pipeline.py).
+
+    Each stream runs a reader plus up to `transform_concurrency` text and image actors at
+    `preprocess_num_cpus` each; a worker keeps its training stream open while it validates.
+    """
+    per_stream = (_READER + 2 * cfg.data.transform_concurrency) * cfg.data.preprocess_num_cpus
+    return per_stream * (2 if has_validation else 1)
+
+
+def stage_need(cfg: PipelineConfig, stage: int, has_validation: bool, use_gpu: bool) -> Need:
+    """What one stage holds: its training workers and their data preprocessing."""
+    workers = cfg.scaling.num_workers
+    data = data_cpus_per_worker(cfg, has_validation)
+    streams = "training and validation streams" if has_validation else "training stream"
+    resources = {"CPU": workers * (cfg.scaling.cpus_per_worker + data)}
+    breakdown = (f"{workers} training workers x {cfg.scaling.cpus_per_worker:g} CPU (scaling.cpus_per_worker) + "
+                 f"their data preprocessing {workers} x {data:g} CPU (data.preprocess_num_cpus "
+                 f"{cfg.data.preprocess_num_cpus:g} x {_READER + 2 * cfg.data.transform_concurrency} processes per "
+                 f"stream, {streams})")
+    if use_gpu:
+        resources["GPU"] = workers * cfg.scaling.gpus_per_worker
+        breakdown += f"; {workers} x {cfg.scaling.gpus_per_worker:g} GPU (scaling.gpus_per_worker)"
+    return Need(f"stage {stage}", resources, breakdown)
+
+
+def evaluation_need(cfg: PipelineConfig, use_gpu: bool) -> Need:
+    """What an evaluation holds: its generation replicas and the reader and prompt step feeding them."""
+    replicas = cfg.eval.num_replicas
+    feed = 2 * cfg.data.preprocess_num_cpus
+    resources = {"CPU": replicas * cfg.eval.cpus_per_replica + feed}
+    breakdown = (f"{replicas} generation replicas x {cfg.eval.cpus_per_replica:g} CPU (eval.num_replicas, "
+                 f"eval.cpus_per_replica) + reader and prompt step 2 x {cfg.data.preprocess_num_cpus:g} CPU")
+    if use_gpu:
+        resources["GPU"] = replicas * cfg.eval.gpus_per_replica
+        breakdown += f"; {replicas} x {cfg.eval.gpus_per_replica:g} GPU (eval.gpus_per_replica)"
+    return Need("evaluation", resources, breakdown)
+
+
+def pipeline_needs(cfg: PipelineConfig, has_validation: bool) -> list[Need]:
+    """Everything the full pipeline will hold at some point, one step at a time."""
+    train_gpu, eval_gpu = use_gpu_for_training(cfg), use_gpu_for_evaluation(cfg)
+    return [stage_need(cfg, 1, False, train_gpu), stage_need(cfg, 2, has_validation, train_gpu),
+            evaluation_need(cfg, eval_gpu)]
+
+
+# ---------------------------------------------------------------- does it fit
+
+
+def cluster_capacity() -> tuple[dict[str, float], bool]:
+    """The cluster's resources, and whether they come from an autoscaler's limits (what it can grow to)."""
+    now = dict(ray.cluster_resources())
+    try:
+        # Private, but the call Ray Train itself makes before it waits for workers (worker_group.py).
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception as exc:  # an older or unusual cluster: judge by what it has now
+        log.debug("no autoscaler limits (%s)", exc)
+        most = None
+    if not most:
+        return now, False
+    return {k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in set(now) | set(most)}, True
+
+
+def check_fits(needs: list[Need], capacity: Mapping[str, float] | None = None, autoscaling: bool | None = None) -> None:
+    """Refuse, naming the resources, a step the cluster can never hold at once (it would wait forever)."""
+    if capacity is None or autoscaling is None:
+        capacity, autoscaling = cluster_capacity()
+    for need in needs:
+        short = {k: v for k, v in need.resources.items() if v > capacity.get(k, 0.0) + 1e-9}
+        if not short:
+            continue
+        wanted = ", ".join(f"{v:g} {k}" for k, v in need.resources.items())
+        has = ", ".join(f"{capacity.get(k, 0.0):g} {k}" for k in need.resources)
+        where = "can grow to at most" if autoscaling else "has"
+        raise ClusterTooSmallError(
+            f"{need.what} needs {wanted} at once ({need.breakdown}), but the Ray cluster {where} {has}: it would "
+            f"wait forever. Give Ray more (`ray start --head --num-cpus N`, more or larger nodes), or lower "
+            f"scaling.num_workers, scaling.cpus_per_worker, data.preprocess_num_cpus or eval.cpus_per_replica."
+        )
+
+
+def _describe(resources: Mapping[str, float]) -> str:
+    shown = [f"{resources[k]:g} {k}" for k in ("CPU", "GPU") if resources.get(k)]
+    return ", ".join(shown) or "no CPUs"

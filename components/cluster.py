@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import ray
 import torch
+from ray.util.debug import log_once
 
 from components.config import PipelineConfig
 from components.errors import ClusterTooSmallError
@@ -38,16 +39,34 @@ def init_ray(cfg: PipelineConfig) -> str:
     this machine (and then refuse `num_cpus`); a local run never does that by accident: it starts
     its own instance (`address="local"`). Returns a line that says which.
     """
+    quiet_ray_data()
     if ray.is_initialized():
         return "Ray: already connected"
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
         return f"Ray: joined the cluster at {address} ({_describe(ray.cluster_resources())})"
-    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True)
+    # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner polls
+    # (without it, it warns every few seconds); it listens on 127.0.0.1 only.
+    ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
     return (f"Ray: started a local instance ({_describe(ray.cluster_resources())}); set RAY_ADDRESS or use "
             "`ray job submit` to run on a cluster")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars and per-dataset start and finish lines off, for every dataset this
+    process builds (a dataset keeps the context it was built with, also where it runs): a stage streams
+    four datasets at once, whose bars would be redrawn for every block. duet prints its own progress."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    # Its per-dataset "execution finished" lines are INFO; its warnings still show.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data reminds once per process that its bars are off ("To enable, set ..."): they are off on
+    # purpose here, so that reminder is used up now (Ray's own once-per-process switch).
+    log_once("ray_data_progress_manager_disabled")
 
 
 def use_gpu_for_training(cfg: PipelineConfig) -> bool:

@@ -336,6 +336,10 @@ class EvalConfig(Section):
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: replicas take GPUs when the cluster has any.")
     gpus_per_replica: PositiveFloat = Field(1.0, description="GPUs reserved per replica when GPUs are used.")
     cpus_per_replica: PositiveFloat = Field(1.0, description="CPUs reserved per replica (generation actor).")
+    blind_baseline: bool = Field(
+        False, description="Also evaluate the fine-tuned model with every image replaced by a blank one of the "
+                           "same size: the difference is what the model takes from the pictures."
+    )
 
 
 class RegistryConfig(Section):

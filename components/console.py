@@ -7,6 +7,8 @@ that `--help` and config errors answer at once.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -23,6 +25,27 @@ def say(message: str) -> None:
 def error(message: str) -> None:
     """A user-facing error line on standard error."""
     print(f"{PREFIX} error: {message}", file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    """Switch off, in this process, the library output that is noise for the person reading it.
+
+    Off a terminal (a file, CI, `ray job logs`) nothing is redrawn: Hugging Face's and MLflow's
+    progress bars are off there (on a terminal they stay: one live display per running step).
+    MLflow's notices that it creates its local SQLite tables go too. DeepSpeed, which transformers
+    imports when it saves a model, is told the accelerator instead of probing and warning. Warnings
+    and errors of every library still show.
+    """
+    from transformers.utils import logging as hf_logging  # heavy: only when a pipeline really runs
+
+    if not sys.stdout.isatty():
+        hf_logging.disable_progress_bar()
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_script(main: Callable[[], object]) -> int:
@@ -45,3 +68,71 @@ def run_script(main: Callable[[], object]) -> int:
         error(str(found))
         return found.exit_code
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class StepProgress:
+    """A training stage's progress as the driver hears it: step/total, loss, learning rate, tokens/s, ETA.
+
+    On a terminal one live line is redrawn at every step; elsewhere (a file, CI, `ray job logs`) a
+    line is printed every `every` steps and at the last step, never redrawn.
+    """
+
+    def __init__(self, name: str, every: int, live: bool | None = None) -> None:
+        self.name = name
+        self.every = max(1, every)
+        self.live = sys.stdout.isatty() if live is None else live
+        self._drawn = False
+
+    def line(self, row: dict[str, float]) -> str:
+        """The progress text of one step's metrics row (from components.train.loop)."""
+        step, total = int(row["step"]), int(row.get("total_steps", 0))
+        lr = row.get("lr_adapter") or row.get("lr_projector_vce", 0.0)
+        text = (f"{self.name} step {step}/{total} loss {row.get('loss', float('nan')):.4f} lr {lr:.2e} "
+                f"tokens/s {row.get('tokens_per_s', 0.0):.0f} eta {_duration(row.get('eta_s', 0.0))}")
+        if "val_loss" in row:
+            text += f" val_loss {row['val_loss']:.4f}"
+        return text
+
+    def update(self, row: dict[str, float]) -> None:
+        step, total = int(row["step"]), int(row.get("total_steps", 0))
+        if self.live:
+            print(f"\r{PREFIX} {self.line(row)}\033[K", end="", flush=True)
+            self._drawn = True
+            if step >= total:
+                self.close()
+        elif step % self.every == 0 or step >= total:
+            say(self.line(row))
+
+    def close(self) -> None:
+        """End the live line (so the next message starts on a fresh one)."""
+        if self._drawn:
+            print(flush=True)
+            self._drawn = False
+
+
+class CountProgress:
+    """Progress through a known number of items (samples of an evaluation).
+
+    On a terminal one live line; elsewhere a line at each quarter, never redrawn.
+    """
+
+    def __init__(self, label: str, total: int, live: bool | None = None) -> None:
+        self.label = label
+        self.total = max(1, total)
+        self.live = sys.stdout.isatty() if live is None else live
+        self._quarter = 0
+
+    def update(self, done: int) -> None:
+        text = f"{self.label}: {done}/{self.total} samples"
+        if self.live:
+            print(f"\r{PREFIX} {text}\033[K", end="" if done < self.total else "\n", flush=True)
+            return
+        quarter = min(4, 4 * done // self.total)
+        if quarter > self._quarter:
+            self._quarter = quarter
+            say(text)

@@ -35,11 +35,12 @@ one replica or several on the same hardware.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,11 @@ TASK_FAMILY = {
 # Per-family entries of components.metrics that are counts, not quality metrics.
 _COUNT_NAMES = ("n", "unparseable", "missing_fields")
 # Columns that travel from the prompt stage through generation to the driver.
-TEXT_COLUMNS = ("key", "id", "task", "question", "prompt", "reference", "answer_fields", "skip", "skip_detail")
+TEXT_COLUMNS = ("key", "id", "task", "question", "prompt", "reference", "answer_fields", "image_digest", "skip",
+                "skip_detail")
 TABLE_COLUMNS = (
     "key", "id", "task", "family", "question", "prompt", "prediction", "reference", "parsed", "correct",
-    "score", "sample_metrics", "skipped", "skip_detail",
+    "score", "sample_metrics", "image_digest", "skipped", "skip_detail",
 )
 
 
@@ -166,12 +168,19 @@ class PromptBuilder:
             out.extend([token] * self.num_visual_tokens if token == image_id else [token])
         return np.asarray(out, dtype=np.int64)
 
-    def images(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Decoded, padded-to-square, resized and cropped RGB images: uint8 (n, H, W, 3)."""
+    def images(self, encoded: Sequence[bytes], blank: bool = False) -> np.ndarray:
+        """Decoded, padded-to-square, resized and cropped RGB images: uint8 (n, H, W, 3).
+
+        `blank`: each image is still decoded and checked (the same samples are asked), then replaced
+        by a blank one of the same size, the processor's mean colour (all zeros once normalised).
+        """
         height, width = self.spec.output_hw
         if not encoded:
             return np.zeros((0, height, width, 3), dtype=np.uint8)
-        return np.stack([image_pixels(data, self.spec, self.max_pixels) for data in encoded])
+        pixels = np.stack([image_pixels(data, self.spec, self.max_pixels) for data in encoded])
+        if blank:
+            pixels[:] = np.round(np.asarray(self.spec.mean) * 255).astype(np.uint8)
+        return pixels
 
 
 def visual_token_count(cfg: PipelineConfig) -> int:
@@ -262,7 +271,14 @@ def _ragged(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _prompt_row(row: dict[str, Any], builder: PromptBuilder) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
+def image_digest(images: np.ndarray) -> str:
+    """A short digest of the pixels a sample is asked with ("" without images): what the model really saw."""
+    return hashlib.sha256(images.tobytes()).hexdigest()[:16] if len(images) else ""
+
+
+def _prompt_row(
+    row: dict[str, Any], builder: PromptBuilder, blind: bool = False
+) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
     """Text columns, prompt ids and images of one raw row; a row that cannot be asked carries its skip reason."""
     height, width = builder.spec.output_hw
     no_ids, no_images = np.zeros(0, dtype=np.int64), np.zeros((0, height, width, 3), dtype=np.uint8)
@@ -278,18 +294,19 @@ def _prompt_row(row: dict[str, Any], builder: PromptBuilder) -> tuple[dict[str, 
         text["question"] = question_text(turns)
         text["prompt"] = builder.text(turns, text["task"])
         ids = builder.encode(text["prompt"], len(sample.images))
-        images = builder.images(sample.images)
+        images = builder.images(sample.images, blank=blind)
     except (BadRecord, ConversationError) as exc:
         text.update(skip=exc.reason, skip_detail=str(exc))
         return text, no_ids, no_images
+    text["image_digest"] = image_digest(images)
     return text, ids, images
 
 
-def prompt_batch(batch: pd.DataFrame, builder: PromptBuilder) -> dict[str, np.ndarray]:
-    """Ray Data stage: raw WebDataset rows -> text columns, `input_ids` and `images` per row."""
+def prompt_batch(batch: pd.DataFrame, builder: PromptBuilder, blind: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data stage: raw WebDataset rows -> text columns, `input_ids` and `images` per row (blank if `blind`)."""
     texts, ids, images = [], [], []
     for row in batch.to_dict("records"):
-        text, row_ids, row_images = _prompt_row(row, builder)
+        text, row_ids, row_images = _prompt_row(row, builder, blind)
         texts.append(text)
         ids.append(row_ids)
         images.append(row_images)
@@ -344,9 +361,12 @@ def use_gpu(cfg: PipelineConfig) -> bool:
 
 
 def generation_dataset(
-    cfg: PipelineConfig, model_source: str | None, split_uri: str, processor_dir: str
+    cfg: PipelineConfig, model_source: str | None, split_uri: str, processor_dir: str, blind: bool = False
 ) -> ray.data.Dataset:
-    """The lazy dataset of one row per evaluated sample with its `prediction` (stages in the module docstring)."""
+    """The lazy dataset of one row per evaluated sample with its `prediction` (stages in the module docstring).
+
+    `blind`: every image is replaced by a blank one of the same size (the blind baseline).
+    """
     manifest = read_manifest(split_uri, cfg.storage)
     limit = cfg.eval.max_samples
     fs, _ = storage.resolve(split_uri, cfg.storage)
@@ -357,7 +377,8 @@ def generation_dataset(
     if limit is not None:
         dataset = dataset.limit(limit)
     dataset = dataset.map_batches(
-        prompt_batch, fn_kwargs={"builder": builder}, batch_format="pandas", batch_size=PROMPT_BATCH_SIZE,
+        prompt_batch, fn_kwargs={"builder": builder, "blind": blind}, batch_format="pandas",
+        batch_size=PROMPT_BATCH_SIZE,
         num_cpus=cfg.data.preprocess_num_cpus,
     )
     gpu = use_gpu(cfg)
@@ -479,14 +500,25 @@ def check_model_source(cfg: PipelineConfig, model_source: str | None) -> None:
         check_compatible(cfg, model_source)
 
 
-def evaluate(cfg: PipelineConfig, model_source: str | None, split_uri: str, processor_dir: str) -> EvalResult:
+def evaluate(
+    cfg: PipelineConfig, model_source: str | None, split_uri: str, processor_dir: str, blind: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
     """Generate an answer for every sample of a prepared split (up to eval.max_samples) and score them.
 
     `model_source`: a stage artifact URI, or None for the bare base checkpoint. `processor_dir`: the
-    directory (or URI) with the tokenizer and image processor, usually the base checkpoint.
+    directory (or URI) with the tokenizer and image processor, usually the base checkpoint. `blind`:
+    every image blanked (the blind baseline). `progress` hears the number of samples answered so far.
     """
     check_model_source(cfg, model_source)
-    rows = generation_dataset(cfg, model_source, split_uri, processor_dir).to_pandas()
+    parts = []
+    for batch in generation_dataset(cfg, model_source, split_uri, processor_dir, blind).iter_batches(
+        batch_format="pandas", batch_size=None
+    ):
+        parts.append(batch)
+        if progress is not None:
+            progress(sum(len(p) for p in parts))
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*TEXT_COLUMNS, "prediction"])
     result = score_rows(rows)
     log.info("evaluated %s on %s: %s", model_source or "the base model", split_uri, result.counts)
     return result
@@ -498,25 +530,36 @@ def _format(value: float | int | None) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def comparison_table(results: Mapping[str, EvalResult]) -> str:
-    """Metrics and counts of several evaluations side by side; with two, the change from the first."""
+# The difference columns of a zero-shot / fine-tuned / blind comparison: (column, minuend, subtrahend).
+DIFFERENCES = (("change", "fine-tuned", "zero-shot"), ("from vision", "fine-tuned", "blind"))
+
+
+def comparison_table(
+    results: Mapping[str, EvalResult], differences: Sequence[tuple[str, str, str]] | None = None
+) -> str:
+    """Metrics and counts of several evaluations side by side, plus difference columns.
+
+    `differences` lists (column, minuend, subtrahend) by result name, e.g. ("from vision",
+    "fine-tuned", "blind"); with two results and none given, "change" is the second minus the first.
+    """
     if not results:
         raise ValueError("comparison_table needs at least one result")
     names = list(results)
+    if differences is None:
+        differences = [("change", names[1], names[0])] if len(names) == 2 else []
+    differences = [d for d in differences if d[1] in results and d[2] in results]
     metric_names = sorted({k for r in results.values() for k in r.metrics if k != "score"}) + ["score"]
     count_names = ["samples", "evaluated", "skipped", "unparseable"]
-    delta = len(names) == 2
-    header = ["metric", *names] + (["change"] if delta else [])
+    header = ["metric", *names, *(label for label, _, _ in differences)]
     lines: list[list[str]] = []
     for name in metric_names:
-        values = [results[n].metrics.get(name) for n in names]
+        values = {n: results[n].metrics.get(name) for n in names}
         label = name + (" (lower is better)" if name.rsplit("/", 1)[-1].startswith("pmae") else "")
-        change = []
-        if delta:
-            change = [f"{values[1] - values[0]:+.2f}" if None not in values else "-"]
-        lines.append([label, *(_format(v) for v in values), *change])
+        deltas = [f"{values[a] - values[b]:+.2f}" if values[a] is not None and values[b] is not None else "-"
+                  for _, a, b in differences]
+        lines.append([label, *(_format(values[n]) for n in names), *deltas])
     for name in count_names:
-        lines.append([name, *(_format(results[n].counts.get(name, 0)) for n in names)] + (["" ] if delta else []))
+        lines.append([name, *(_format(results[n].counts.get(name, 0)) for n in names), *([""] * len(differences))])
     widths = [max(len(row[c]) for row in [header, *lines]) for c in range(len(header))]
 
     def fmt(row: list[str]) -> str:

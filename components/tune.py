@@ -51,7 +51,7 @@ from components.tracking import (
     fail_fast,
     redact,
 )
-from components.train.loop import VAL_MEASURED, total_steps
+from components.train.settings import VAL_MEASURED, total_steps
 from components.train.stage import STAGE_SPLITS, StageData, run_stage, storage_root
 
 log = logging.getLogger("duet.tune")

@@ -15,19 +15,22 @@ import json
 import logging
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from transformers import LlavaConfig
 
 from components import storage
 from components.cluster import check_fits, init_ray, pipeline_needs
 from components.config import ConfigError, PipelineConfig
-from components.console import say
+from components.console import CountProgress, StepProgress, quiet_libraries, say
 from components.data.prepare import SplitResult, prepare, split_uri
 from components.data.shards import read_manifest, shard_uris
 from components.errors import ArtifactError
-from components.evaluate import EvalResult, comparison_table, evaluate, write_table
+from components.evaluate import DIFFERENCES, EvalResult, comparison_table, evaluate, write_table
+from components.examples import example_grid, example_rows, examples_text, read_images
 from components.model.mllm import check_compatible, local_checkpoint
 from components.model.tiny import save_tiny_checkpoint
 from components.packaging import log_pyfunc
@@ -44,7 +47,8 @@ from components.tracking import (
     Tracker,
     TrackingUnreachable,
 )
-from components.train.loop import VAL_MEASURED, stage_config, total_steps
+from components.train.deepspeed import plan_batch
+from components.train.settings import VAL_MEASURED, stage_config, total_steps
 from components.train.stage import STAGE_SPLITS, StageData, StageResult, artifact_uri, run_stage, storage_root
 from components.tune import SweepResult, apply_best, check_sweepable, default_output, format_trials, sweep
 
@@ -88,6 +92,7 @@ def start(cfg: PipelineConfig, stages: tuple[int, ...] = (1, 2)) -> Workspace:
     model found, downloaded or (tiny) built.
     """
     cfg = cfg.with_absolute_paths()
+    quiet_libraries()
     tracker = Tracker(cfg.tracking, cfg.run.work_dir)
     tracker.check_reachable()
     say(init_ray(cfg))
@@ -230,13 +235,30 @@ def tracked_stage(
         carried = _take_unsent(cfg, stage, digest, tracker, run_id)
         buffer = MetricsBuffer(tracker, run_id)
         buffer.add(carried)
-        say(f"{name}: training ({cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.zero_stage})")
+        stage_cfg = stage_config(cfg, stage)
+        plan = plan_batch(stage_cfg, cfg.scaling.num_workers)
+        say(f"{name}: training {total_steps(stage_cfg, data.num_train_samples)} steps on {plan.world_size} workers "
+            f"(global batch {plan.global_batch} = {plan.world_size} x micro-batch {plan.micro_batch} x "
+            f"accumulation {plan.accumulation}), ZeRO-{cfg.deepspeed.zero_stage}")
+        progress = StepProgress(name, stage_cfg.log_every)
+        heard: list[int] = []  # steps the driver has heard of in this attempt
+
+        def on_metrics(rows: list[dict[str, Any]]) -> None:
+            loggable = [_loggable(r) for r in rows]
+            if loggable and not heard and loggable[0]["step"] > 1:
+                say(f"{name}: resumed from checkpoint at step {int(loggable[0]['step']) - 1}")
+            heard.extend(int(r["step"]) for r in loggable)
+            buffer.add(loggable)
+            for row in loggable:
+                progress.update(row)
+
         try:
             result = run_stage(
                 cfg, stage, data, stage1_artifact=stage1.artifact_uri if stage1 else None,
-                on_metrics=lambda rows: buffer.add([_loggable(r) for r in rows]), run_id=run_id,
+                on_metrics=on_metrics, run_id=run_id,
             )
         except BaseException:
+            progress.close()
             if buffer.close(timeout_s=0):
                 try:
                     _keep_unsent(cfg, stage, digest, run_id, buffer.rows)
@@ -300,6 +322,7 @@ def run_single_stage(cfg: PipelineConfig, stage: int, stage1_artifact: str | Non
     checked before anything is written or tracked.
     """
     cfg = cfg.with_absolute_paths()
+    quiet_libraries()
     stage1 = None
     if stage == 2:
         uri = stage1_artifact or artifact_uri(cfg, 1)
@@ -354,39 +377,79 @@ def plan_text(cfg: PipelineConfig) -> str:
         f"  4. {sweep_line}",
         f"  5. stage 2   + {cfg.adapter.type}, adapter lr {cfg.stage2.adapter_lr}, lr {cfg.stage2.lr}, "
         f"global batch {cfg.stage2.global_batch}",
-        "  6. evaluate  fine-tuned and zero-shot (stage-1 model) on the test split",
+        "  6. evaluate  zero-shot (stage-1 model), fine-tuned"
+        + (" and blind (fine-tuned, images blanked)" if cfg.eval.blind_baseline else "") + " on the test split",
         f"  7. register  {cfg.registry.model_name}, promote to @{cfg.registry.alias} if {cfg.registry.metric} "
         f"beats it ({cfg.registry.direction}, margin {cfg.registry.min_margin})",
     ]
     return "\n".join(lines)
 
 
+# The evaluations of the full pipeline: (name, which stage's model, images blanked).
+EVALUATIONS = (("zero-shot", 1, False), ("fine-tuned", 2, False), ("blind", 2, True))
+COUNT_PREFIX = "count/"
+
+
 def tracked_evaluation(
     cfg: PipelineConfig, tracker: Tracker, parent_run_id: str, name: str, model_uri: str, base_dir: str,
-    test: SplitResult, lineage: StepOutcome,
+    test: SplitResult, lineage: StepOutcome, blind: bool = False,
 ) -> tuple[str, EvalResult, bool]:
-    """Evaluate one model on the test split as a child run; reused when the same model and data were scored."""
-    digest = step_hash(cfg, "evaluate", model=model_uri, data=test.manifest.digest)
+    """Evaluate one model on the test split as a child run; reused when the same model and data were scored.
+
+    A reused evaluation gives back its metrics, counts and (when the local copy is still there) its
+    per-sample table; `blind` blanks every image (the blind baseline).
+    """
+    digest = step_hash(cfg, "evaluate", model=model_uri, data=test.manifest.digest, blind=blind)
+    table_path = os.path.join(cfg.run.work_dir, "eval", f"{name}-{digest}.csv")
     done = tracker.find_run({TAG_STEP: f"evaluate-{name}", TAG_STEP_HASH: digest})
     if done is not None:
         say(f"evaluate {name}: reused run {done.info.run_id}")
-        metrics = {k: v for k, v in done.data.metrics.items()}
-        return done.info.run_id, EvalResult(metrics=metrics, per_sample=None, counts={}), True  # type: ignore[arg-type]
+        logged = done.data.metrics
+        metrics = {k: v for k, v in logged.items() if not k.startswith(COUNT_PREFIX)}
+        counts = {k.removeprefix(COUNT_PREFIX): int(v) for k, v in logged.items() if k.startswith(COUNT_PREFIX)}
+        table = (pd.read_csv(table_path, keep_default_na=False, dtype={"key": str, "id": str, "prediction": str})
+                 if os.path.isfile(table_path) else None)
+        return done.info.run_id, EvalResult(metrics, table, counts), True  # type: ignore[arg-type]
     with tracker.child_run("evaluation", f"evaluate-{name}", parent_run_id, tags={TAG_STEP_HASH: digest}) as run_id:
         tracker.log_dataset(run_id, f"{cfg.data.name}/test", test.uri, test.manifest.digest, context="evaluation")
-        tags = {"duet.evaluated_model": model_uri}
+        tags = {"duet.evaluated_model": model_uri, "duet.blind": str(blind).lower()}
         if lineage.run_id:
             tags["duet.model_stage_run_id"] = lineage.run_id
         tracker.set_tags(run_id, tags)
-        say(f"evaluate {name}: generating on {min(test.manifest.count, cfg.eval.max_samples or 10**12)} samples")
-        result = evaluate(cfg, model_uri, test.uri, base_dir)
+        total = min(test.manifest.count, cfg.eval.max_samples or test.manifest.count)
+        what = "every image blanked, " if blind else ""
+        say(f"evaluate {name}: generating on {total} test samples ({what}{cfg.eval.num_replicas} replica(s))")
+        result = evaluate(cfg, model_uri, test.uri, base_dir, blind=blind,
+                          progress=CountProgress(f"evaluate {name}", total).update)
         tracker.log_metrics(run_id, result.metrics)
-        tracker.log_metrics(run_id, {f"count/{k}": float(v) for k, v in result.counts.items()})
-        table_path = os.path.join(cfg.run.work_dir, "eval", f"{name}-{digest}.csv")
+        tracker.log_metrics(run_id, {f"{COUNT_PREFIX}{k}": float(v) for k, v in result.counts.items()})
         os.makedirs(os.path.dirname(table_path), exist_ok=True)
         write_table(result.per_sample, table_path)
         tracker.client.log_artifact(run_id, table_path, "predictions")
+        if not blind:
+            _log_examples(cfg, tracker, run_id, name, test, result.per_sample)
         return run_id, result, False
+
+
+def _log_examples(cfg: PipelineConfig, tracker: Tracker, run_id: str, name: str, test: SplitResult,
+                  table: pd.DataFrame) -> None:
+    """A PNG grid of held-out images with their reference and predicted answers, on the evaluation's run."""
+    rows = example_rows(table)
+    if rows.empty:
+        return
+    images = read_images(test.uri, set(rows["key"]), cfg.storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = example_grid(rows, images, os.path.join(tmp, "examples.png"),
+                            f"{name}: held-out test examples ({cfg.data.name})")
+        tracker.client.log_artifact(run_id, path, "examples")
+
+
+def vision_metrics(fine_tuned: EvalResult, blind: EvalResult) -> dict[str, float]:
+    """Fine-tuned minus blind for every metric both have (`vision/score`, ...): what comes from the pictures.
+
+    Registered with the model version, so `registry.metric: vision/score` can gate on it.
+    """
+    return {f"vision/{k}": v - blind.metrics[k] for k, v in fine_tuned.metrics.items() if k in blind.metrics}
 
 
 def register_and_promote(cfg: PipelineConfig, tracker: Tracker, stage2: StepOutcome, metrics: dict[str, float],
@@ -416,7 +479,7 @@ def register_and_promote(cfg: PipelineConfig, tracker: Tracker, stage2: StepOutc
 
 
 def run_full(cfg: PipelineConfig) -> Summary:
-    """Data -> stage 1 -> (sweep) -> stage 2 -> evaluate (fine-tuned and zero-shot) -> register -> promote."""
+    """Data -> stage 1 -> (sweep) -> stage 2 -> evaluate (zero-shot, fine-tuned, blind) -> register -> promote."""
     cfg = cfg.with_absolute_paths()
     if cfg.data.test_fraction <= 0:
         raise ConfigError("data.test_fraction is 0: the pipeline evaluates on a held-out test split before it "
@@ -447,18 +510,28 @@ def run_full(cfg: PipelineConfig) -> Summary:
         stage2 = tracked_stage(cfg2, tracker, parent, 2, stage_data(cfg2, 2, base_dir), stage1=stage1)
         summary.stage2 = stage2
         summary.record("stage 2", stage2.reused, f"run {stage2.run_id}")
-        evaluations = {}
-        for name, outcome in (("zero-shot", stage1), ("fine-tuned", stage2)):
+        evaluations: dict[str, EvalResult] = {}
+        for name, stage, blind in EVALUATIONS:
+            if blind and not cfg2.eval.blind_baseline:
+                continue
+            outcome = stage1 if stage == 1 else stage2
             run_id, evaluated, reused = tracked_evaluation(
-                cfg2, tracker, parent, name, outcome.artifact_uri, base_dir, splits["test"], outcome
+                cfg2, tracker, parent, name, outcome.artifact_uri, base_dir, splits["test"], outcome, blind=blind
             )
             evaluations[name] = evaluated
             summary.record(f"evaluate {name}", reused,
                            f"run {run_id}, score {evaluated.metrics.get('score', 0):.2f}")
         summary.evaluations = evaluations
-        register_and_promote(cfg2, tracker, stage2, evaluations["fine-tuned"].metrics, summary)
+        registered = dict(evaluations["fine-tuned"].metrics)
+        if "blind" in evaluations:
+            registered |= vision_metrics(evaluations["fine-tuned"], evaluations["blind"])
+        register_and_promote(cfg2, tracker, stage2, registered, summary)
         tracker.set_tags(parent, {"duet.stage1_run_id": stage1.run_id, "duet.stage2_run_id": stage2.run_id})
-    say("metrics on the held-out test split:\n" + comparison_table(evaluations))
+    say("metrics on the held-out test split:\n" + comparison_table(evaluations, DIFFERENCES))
+    fine_tuned = evaluations["fine-tuned"].per_sample
+    if fine_tuned is not None:
+        blind_table = evaluations["blind"].per_sample if "blind" in evaluations else None
+        say("held-out examples (fine-tuned model):\n" + examples_text(example_rows(fine_tuned), blind_table))
     say("summary:\n" + summary_text(cfg2, summary, tracker))
     return summary
 

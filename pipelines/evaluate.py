@@ -2,7 +2,8 @@
 
 --model defaults to this run's stage-2 artifact; --baseline also evaluates the zero-shot model
 (this run's stage-1 artifact, or --baseline-model; `base` means the bare base checkpoint) and prints
-both side by side. --output writes the per-sample table (.csv, .json or .jsonl) with a `model` column.
+both side by side; with eval.blind_baseline the fine-tuned model is evaluated once more with every
+image blanked, and the "from vision" column shows what the pictures contribute. --output writes the per-sample table (.csv, .json or .jsonl) with a `model` column.
 Every input is checked before Ray starts.
 
 examples:
@@ -55,9 +56,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import pandas as pd
 
     from components.cluster import init_ray
+    from components.console import quiet_libraries
     from components.data.prepare import split_uri
     from components.data.shards import read_manifest
     from components.evaluate import (
+        DIFFERENCES,
         check_model_source,
         check_table_path,
         comparison_table,
@@ -65,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_table,
     )
 
+    quiet_libraries()
     if args.output:
         check_table_path(args.output)
     split = split_uri(cfg.data, args.split)
@@ -74,10 +78,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_model_source(cfg, source)
     say(init_ray(cfg))
     results = {}
-    for name, source in models.items():
-        say(f"evaluate {name}: {source or 'base checkpoint ' + cfg.model.checkpoint} on {split}")
-        results[name] = evaluate(cfg, source, split, cfg.model.checkpoint)
-    print(comparison_table(results))
+    runs = [(name, source, False) for name, source in models.items()]
+    if cfg.eval.blind_baseline:
+        runs.append(("blind", models["fine-tuned"], True))
+    for name, source, blind in runs:
+        what = " with every image blanked" if blind else ""
+        say(f"evaluate {name}: {source or 'base checkpoint ' + cfg.model.checkpoint}{what} on {split}")
+        results[name] = evaluate(cfg, source, split, cfg.model.checkpoint, blind=blind)
+    print(comparison_table(results, DIFFERENCES))
     if args.output:
         table = pd.concat([r.per_sample.assign(model=name) for name, r in results.items()], ignore_index=True)
         say(f"per-sample table: {write_table(table, args.output)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import math
 import os
@@ -329,3 +330,52 @@ def test_two_replicas_give_the_same_predictions_as_one(eval_setup: EvalSetup, on
     assert list(two.per_sample["id"]) == list(one_replica.per_sample["id"])
     assert list(two.per_sample["prediction"]) == list(one_replica.per_sample["prediction"])
     assert two.metrics == one_replica.metrics
+
+
+@pytest.mark.slow
+def test_the_blind_baseline_asks_the_same_samples_with_blank_images(
+    eval_setup: EvalSetup, one_replica: EvalResult, builder: PromptBuilder
+) -> None:
+    from components.evaluate import DIFFERENCES, image_digest
+
+    blind = evaluate(eval_setup.cfg, eval_setup.stage2, eval_setup.test_split, eval_setup.base, blind=True)
+    assert list(blind.per_sample["key"]) == list(one_replica.per_sample["key"]), "the same samples"
+    height, width = builder.spec.output_hw
+    blank = np.empty((1, height, width, 3), dtype=np.uint8)
+    blank[:] = np.round(np.asarray(builder.spec.mean) * 255).astype(np.uint8)
+    assert set(blind.per_sample["image_digest"]) == {image_digest(blank)}, "every image the model got was blank"
+    seen = set(one_replica.per_sample["image_digest"])
+    assert len(seen) == NUM_SAMPLES and image_digest(blank) not in seen, "the fine-tuned run saw the real images"
+
+    zero = evaluate(eval_setup.cfg, eval_setup.stage1, eval_setup.test_split, eval_setup.base)
+    table = comparison_table({"zero-shot": zero, "fine-tuned": one_replica, "blind": blind}, DIFFERENCES)
+    header = table.splitlines()[0].split()
+    assert header[:4] == ["metric", "zero-shot", "fine-tuned", "blind"] and header[4:] == ["change", "from", "vision"]
+    score = next(line for line in table.splitlines() if line.startswith("score")).split()
+    assert float(score[5]) == pytest.approx(one_replica.metrics["score"] - blind.metrics["score"], abs=0.01)
+
+
+def test_examples_show_three_held_out_samples_per_task_with_their_images(eval_setup: EvalSetup, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from components.examples import example_grid, example_rows, examples_text, read_images
+
+    keys = [f"{i:09d}" for i in range(12)]
+    tasks = ["items", "description", "numeric"] * 4
+    table = pd.DataFrame({
+        "key": keys, "task": tasks, "question": [f"q{i}" for i in range(12)],
+        "reference": [f"ref {i}" for i in range(12)], "prediction": [f"pred {i}" for i in range(12)],
+        "skipped": ["bad_image"] + [""] * 11,
+    })
+    rows = example_rows(table)
+    assert sorted(rows["task"].value_counts().to_dict().items()) == [("description", 3), ("items", 3), ("numeric", 3)]
+    assert "000000000" not in set(rows["key"]), "skipped samples are not shown"
+    text = examples_text(rows, blind=table.assign(prediction="blank answer"))
+    assert text.count("reference") == 9 and text.count("blind       blank answer") == 9 and "  items:" in text
+
+    images = read_images(eval_setup.test_split, set(rows["key"]), eval_setup.cfg.storage)
+    assert set(images) == set(rows["key"])
+    assert all(Image.open(io.BytesIO(b)).size == (64, 64) for b in images.values())
+    png = example_grid(rows, images, tmp_path / "grid.png", "held-out examples")
+    with Image.open(png) as picture:
+        assert picture.format == "PNG" and picture.size[0] > 600 and picture.size[1] > 600

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import math
 import pickle
 import re
@@ -24,7 +23,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,56 +35,15 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
-from components.config import ConfigError, PipelineConfig, StageConfig, config_from_dict
+from components.config import StageConfig, config_from_dict
 from components.data.pipeline import make_collate
 from components.errors import DuetError
 from components.model.mllm import build_model, parameter_groups, save_stage_artifact, trainable_state_dict
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
-
-log = logging.getLogger("duet.train")
+from components.train.settings import VAL_MEASURED, LoopSettings, stage_config, total_steps
 
 PROGRESS_FILE = "progress.json"
-# Set in a step's metrics when val_loss was measured at that step (it is carried forward in between).
-VAL_MEASURED = "val_measured"
 CHECKPOINT_TAG = "state"
-
-
-@dataclass
-class LoopSettings:
-    """Everything a worker needs, shipped as plain data in `train_loop_config`."""
-
-    config: dict[str, Any]
-    stage: int
-    num_train_samples: int
-    artifact_uri: str
-    data_digest: str | None = None
-    stage1_artifact: str | None = None
-    use_gpu: bool = False
-    train_dataset: str = "train"
-    val_dataset: str | None = None  # datasets are named "{name}_{rank}": one deterministic stream per worker
-    metrics_sink: Any = None
-    processor_dir: str = ""
-    run_id: str | None = None  # the MLflow run of this stage, recorded in the artifact (lineage)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def stage_config(cfg: PipelineConfig, stage: int) -> StageConfig:
-    return cfg.stage1 if stage == 1 else cfg.stage2
-
-
-def total_steps(stage_cfg: StageConfig, num_samples: int) -> int:
-    """Optimizer steps: `max_steps`, else epochs over the data (incomplete last global batch dropped)."""
-    if stage_cfg.max_steps:
-        return stage_cfg.max_steps
-    per_epoch = num_samples // stage_cfg.global_batch
-    if per_epoch == 0:
-        raise ConfigError(
-            f"{stage_cfg.name}: {num_samples} training samples do not fill one global batch of "
-            f"{stage_cfg.global_batch}; lower {stage_cfg.name}.global_batch or add data"
-        )
-    return max(1, math.ceil(stage_cfg.epochs * per_epoch))
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> Any:
@@ -216,9 +173,7 @@ def _restore(engine: Any) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as path:
-        step = load_checkpoint_dir(engine, path)
-    log.info("resumed from checkpoint at step %d", step)
-    return step
+        return load_checkpoint_dir(engine, path)  # the driver says so, from the first step it hears of
 
 
 def _batches(dataset_name: str, plan: BatchPlan, collate: Any):
@@ -255,7 +210,6 @@ def _gather_trainable(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
 
 def train_loop_per_worker(raw: dict[str, Any]) -> None:
     """Build, (resume,) train and checkpoint one stage on this worker."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = LoopSettings(**raw)
     cfg = config_from_dict(settings.config)
     stage_cfg = stage_config(cfg, settings.stage)
@@ -277,13 +231,6 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     )
     step = _restore(engine)
     collate = make_collate(settings.processor_dir, cfg.storage)
-    if rank == 0:
-        log.info(
-            "%s: %d steps, global batch %d = %d workers x micro %d x accumulation %d, precision %s, ZeRO-%d",
-            stage_cfg.name, steps, plan.global_batch, world, plan.micro_batch, plan.accumulation, precision,
-            cfg.deepspeed.zero_stage,
-        )
-
     val_name = f"{settings.val_dataset}_{rank}" if settings.val_dataset else None
     eval_every = stage_cfg.eval_every or stage_cfg.checkpoint_every
     # Validated before the first step too, so every report carries a val_loss (schedulers such as ASHA need it).
@@ -330,11 +277,6 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
                     metrics[VAL_MEASURED] = 1.0
                 # Always reported (Tune's schedulers compare every report); logged only where measured.
                 metrics["val_loss"] = val_loss
-            if rank == 0 and step % stage_cfg.log_every == 0:
-                log.info(
-                    "%s step %d/%d loss %.4f tokens/s %.0f eta %.0fs", stage_cfg.name, step, steps,
-                    metrics["loss"], metrics["tokens_per_s"], metrics["eta_s"],
-                )
             if rank == 0 and settings.metrics_sink is not None:
                 settings.metrics_sink.push.remote(settings.stage, metrics)
             if step % stage_cfg.checkpoint_every == 0 or step == steps:
@@ -348,6 +290,5 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     if rank == 0:
         save_stage_artifact(engine.module, cfg, settings.stage, settings.artifact_uri, settings.data_digest, state,
                             run_id=settings.run_id)
-        log.info("%s artifact written to %s", stage_cfg.name, settings.artifact_uri)
     if dist.is_initialized():
         dist.barrier()

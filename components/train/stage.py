@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution import context as ray_train_context
+from transformers.utils import logging as hf_logging
 
 from components import storage
-from components.cluster import use_gpu_for_training
+from components.cluster import quiet_ray_data, use_gpu_for_training
 from components.config import PipelineConfig
 from components.data.pipeline import build_dataset
 from components.model.mllm import check_compatible
-from components.train.loop import LoopSettings, stage_config, total_steps, train_loop_per_worker
+from components.train.settings import LoopSettings, stage_config, total_steps
 
 log = logging.getLogger("duet.stage")
 
@@ -96,6 +100,39 @@ def worker_datasets(cfg: PipelineConfig, data: StageData, world: int) -> dict[st
     return datasets
 
 
+# DeepSpeed prints this each time it loads a compiled op (its CPU collectives on every rank, every stage);
+# Ray Train turns a worker's prints into records of the root logger.
+_BUILD_NOTICE = re.compile(r"^DeepSpeed \S+ built successfully$")
+
+
+def _drop_build_notices(record: logging.LogRecord) -> bool:
+    return not _BUILD_NOTICE.match(record.getMessage())
+
+
+def _train_worker(raw: dict[str, Any]) -> None:
+    """Ray Train's entry point on each worker: quiet libraries first, then the training loop.
+
+    DeepSpeed is told its accelerator before it is imported (it would otherwise probe for one and
+    warn on every CPU worker); the Ray Data streams this worker iterates log their progress at
+    INFO level, every few seconds (duet's driver prints the training progress instead); model
+    loading draws no progress bar into the job log; DeepSpeed's "op built" notices are dropped (its
+    warnings are not); DeepSpeed's ZeRO-2 calls a torch collective
+    under its deprecated name, which warns on every rank and is nothing the user can act on.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if raw["use_gpu"] else "cpu")
+    quiet_ray_data()
+    # Ray Train 2.60 logs every report at INFO through a logger named by its file path, outside the
+    # "ray.train" tree that RunConfig's LoggingConfig quiets; the report lines carry every metric.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    logging.getLogger().addFilter(_drop_build_notices)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed: imported only in the workers, after the settings above.
+    from components.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(raw)
+
+
 def run_stage(
     cfg: PipelineConfig,
     stage: int,
@@ -136,7 +173,7 @@ def run_stage(
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_worker,
         train_loop_config=settings.to_dict(),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -144,6 +181,8 @@ def run_stage(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks or None,
+            # Ray Train's own INFO lines (every report, every checkpoint, worker-group start) stay in its log files.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=worker_datasets(cfg, data, world),
         # Not split by Ray: every worker reads its own deterministic stream, in order.

@@ -35,15 +35,10 @@ import argparse
 import copy
 import itertools
 import statistics
-import sys
 import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +56,12 @@ from benchmarks.common import (
     seconds,
     write_json,
 )
-from components.config import AdapterConfig, TinyModelConfig, VCEConfig
-from components.model.adapters import apply_adapter
-from components.model.dual_lora import InputDependentLoraLayer
-from components.model.mllm import attach_vce, llava_15_7b_config, set_trainable
-from components.model.moe_lora import MoeLoraTopkLinear, route
+from components.config import AdapterSection, TinyModelSection, VCESection
+from components.model.adapters.apply import apply_adapter
+from components.model.adapters.base import InputDependentLoraLayer
+from components.model.adapters.moe_lora import MoeLoraTopkLinear, route
+from components.model.llava import attach_vce, llava_15_7b_config
+from components.model.stages import set_trainable
 from components.model.tiny import build_tokenizer, tiny_llava_config
 
 METHODS = ("lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode")
@@ -96,7 +92,7 @@ class Preset:
     layer_dim: int
     layer_tokens: int
     rank: int
-    arch: str  # "tiny" (TinyModelConfig sizes below) or "llava-1.5-7b"
+    arch: str  # "tiny" (TinyModelSection sizes below) or "llava-1.5-7b"
     prompt_text_tokens: int
     new_tokens: int
     train_batch: int
@@ -147,10 +143,10 @@ def expert_ranks(rank: int) -> dict[str, list[int]]:
     }
 
 
-def adapter_config(method: str, rank: int, targets: list[str]) -> AdapterConfig:
+def adapter_config(method: str, rank: int, targets: list[str]) -> AdapterSection:
     """The project's adapter config for `method` at total rank `rank` (alpha = 2r as in the paper)."""
     ranks = expert_ranks(rank)
-    return AdapterConfig(
+    return AdapterSection(
         type=method, r=rank, alpha=2.0 * rank, dropout=DROPOUT, target_modules=targets,
         num_experts=NUM_EXPERTS, expert_rank=ranks["moe"][0], top_k=TOP_K, rode_ranks=ranks["rode"],
     )
@@ -221,7 +217,7 @@ def vision_flops(config: LlavaConfig) -> float:
     return vc.num_hidden_layers * per_layer + 2 * patches * 3 * vc.patch_size**2 * d
 
 
-def bridge_flops(config: LlavaConfig, vce: VCEConfig) -> float:
+def bridge_flops(config: LlavaConfig, vce: VCESection) -> float:
     """VCE (deformable cross-attention over L levels) + the two-layer projector, for one image."""
     vc, tc = config.vision_config, config.text_config
     n, d = (vc.image_size // vc.patch_size) ** 2, vc.hidden_size
@@ -248,7 +244,7 @@ def lm_flops(config: LlavaConfig, method: str, rank: int, positions: int, contex
     return {"linear": linear, "attention": attention, "adapters": adapters}
 
 
-def model_flops(config: LlavaConfig, vce: VCEConfig, method: str, rank: int, preset: Preset,
+def model_flops(config: LlavaConfig, vce: VCESection, method: str, rank: int, preset: Preset,
                 prompt_len: int) -> dict[str, float]:
     """Inference (prompt + generation, logits only where a token is chosen) and train-step FLOPs."""
     image = vision_flops(config) + bridge_flops(config, vce)
@@ -407,8 +403,8 @@ def build_config(preset: Preset) -> tuple[LlavaConfig, int]:
     """The LLaVA config of the preset and its BOS token id."""
     if preset.arch == "llava-1.5-7b":
         return llava_15_7b_config(), 1
-    tokenizer = build_tokenizer(TinyModelConfig().vocab_size)
-    config = tiny_llava_config(TinyModelConfig(warmup_steps=0, **preset.tiny), tokenizer)
+    tokenizer = build_tokenizer(TinyModelSection().vocab_size)
+    config = tiny_llava_config(TinyModelSection(warmup_steps=0, **preset.tiny), tokenizer)
     return config, tokenizer.bos_token_id
 
 
@@ -435,7 +431,7 @@ def model_inputs(config: LlavaConfig, bos: int, batch: int, text_tokens: int, de
 def bench_model(preset: Preset, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Timing], dict]:
     """Prompt + greedy generation, and a stage-2 train step, on a LLaVA with each adapter on q/v."""
     config, bos = build_config(preset)
-    vce = VCEConfig()
+    vce = VCESection()
     torch.manual_seed(0)
     with torch.device(device):
         base = LlavaForConditionalGeneration(config)

@@ -31,9 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import psutil
 
@@ -144,19 +141,20 @@ def baseline_batches(shard_uris: list[str], storage_cfg, spec, max_pixels: int, 
 def run(args: argparse.Namespace) -> list[Result]:
     import ray
 
-    from components.config import PipelineConfig, TinyModelConfig
-    from components.data.pipeline import build_dataset, make_collate
-    from components.data.prepare import prepare, split_uri
+    from components.config import DuetConfig, TinyModelSection
+    from components.data.dataset import build_dataset, make_collate
+    from components.data.prepare import prepare
     from components.data.shards import read_manifest, shard_uris
     from components.data.transform import load_image_spec
+    from components.layout import split_uri
     from components.model.tiny import build_tiny_processor
     from components.storage import ensure_bucket
 
     server, endpoint = start_s3()
     try:
-        tiny = TinyModelConfig(image_size=args.crop, patch_size=args.patch)
+        tiny = TinyModelSection(image_size=args.crop, patch_size=args.patch)
         num_visual = (args.crop // args.patch) ** 2
-        cfg = PipelineConfig.model_validate({
+        cfg = DuetConfig.model_validate({
             "storage": {"endpoint_url": endpoint, "region": "us-east-1"},
             "data": {"root": "s3://bench/datasets", "num_records": args.records, "caption_records": 1,
                      "val_fraction": 0, "test_fraction": 0, "records_per_shard": args.records_per_shard,

@@ -6,7 +6,7 @@
 
 For each size a synthetic split (small images, data.image_size 32, and a tiny processor with a 32 px
 crop, so the run measures the pipeline rather than pixel work) is written to an S3 endpoint on
-127.0.0.1 and streamed through components.data.pipeline.build_dataset (validation, tokenisation, CLIP
+127.0.0.1 and streamed through components.data.dataset.build_dataset (validation, tokenisation, CLIP
 transform in actor pools) into iter_torch_batches with the trainer's collate function. Writing and
 streaming each run in a process of their own, so the driver that streams starts clean, with a fresh
 local Ray instance. A thread samples, every 0.25 s, the driver and every process below it
@@ -39,11 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil
 
@@ -163,10 +159,10 @@ def _mib(value: float) -> float:
     return round(value / MiB, 1)
 
 
-def _config(records: int, args: argparse.Namespace, endpoint: str):  # -> PipelineConfig (imported late)
-    from components.config import PipelineConfig
+def _config(records: int, args: argparse.Namespace, endpoint: str):  # -> DuetConfig (imported late)
+    from components.config import DuetConfig
 
-    return PipelineConfig.model_validate({
+    return DuetConfig.model_validate({
         "storage": {"endpoint_url": endpoint, "region": "us-east-1"},
         "data": {"root": "s3://bench/stream", "name": f"shapes-{records}", "num_records": records,
                  "caption_records": 1, "val_fraction": 0, "test_fraction": 0,
@@ -193,9 +189,9 @@ def measure_size(records: int, args: argparse.Namespace, endpoint: str, store_pi
     """Stream the written split once, sampling memory; run in a fresh process (see `in_fresh_process`)."""
     import ray
 
-    from components.data.pipeline import build_dataset, make_collate
-    from components.data.prepare import split_uri
+    from components.data.dataset import build_dataset, make_collate
     from components.data.shards import read_manifest
+    from components.layout import split_uri
 
     cfg = _config(records, args, endpoint)
     store = psutil.Process(store_pid)
@@ -282,14 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.update(FAKE_CREDENTIALS)
 
-    from components.config import TinyModelConfig
+    from components.config import TinyModelSection
     from components.model.tiny import build_tiny_processor
 
     process, endpoint = start_store()
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="duet-stream-") as tmp:
-            processor_dir = build_tiny_processor(TinyModelConfig(image_size=args.crop, patch_size=args.patch), tmp)
+            processor_dir = build_tiny_processor(TinyModelSection(image_size=args.crop, patch_size=args.patch), tmp)
             for records in sizes:
                 # Each step in a fresh process: what one run leaves in a driver (Python heap from writing,
                 # Ray's per-init state) must not be counted against the next size.

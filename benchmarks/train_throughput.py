@@ -21,29 +21,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ray
+import torch
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import format_table, machine, write_json  # noqa: E402
-from components.cluster import init_ray  # noqa: E402
-from components.config import PipelineConfig, load_config  # noqa: E402
-from components.data.pipeline import build_dataset, make_collate  # noqa: E402
-from components.model.mllm import build_model, parameter_groups, save_stage_artifact  # noqa: E402
-from components.train.loop import per_sample_loss  # noqa: E402
-from components.train.stage import StageData, run_stage  # noqa: E402
-from components.workflow import ensure_base_model, ensure_dataset, stage_data  # noqa: E402
+from benchmarks.common import format_table, machine, write_json
+from components.cluster import init_ray
+from components.config import DuetConfig, load_config
+from components.data.dataset import build_dataset, make_collate
+from components.model.artifact import save_stage_artifact
+from components.model.stages import build_model, parameter_groups
+from components.train.loop import per_sample_loss
+from components.train.stage import StageData, run_stage
+from components.workflow.startup import ensure_base_model, ensure_dataset, stage_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_config(work: Path, args: argparse.Namespace) -> PipelineConfig:
+def bench_config(work: Path, args: argparse.Namespace) -> DuetConfig:
     return load_config(REPO / "pipelines/configs/demo.yaml", [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
         "run.name=throughput", f"data.num_records={args.records}", "data.caption_records=50",
@@ -54,14 +52,14 @@ def bench_config(work: Path, args: argparse.Namespace) -> PipelineConfig:
     ])
 
 
-def pipeline_tokens_per_s(cfg: PipelineConfig, data: StageData, stage1: str, skip: int) -> float:
+def pipeline_tokens_per_s(cfg: DuetConfig, data: StageData, stage1: str, skip: int) -> float:
     result = run_stage(cfg, 2, data, stage1_artifact=stage1, artifact=str(Path(cfg.run.work_dir) / "s2"))
     rows = [r for r in result.history if r["step"] > skip]
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows)
     return tokens / sum(r["step_time_s"] for r in rows)
 
 
-def bare_tokens_per_s(cfg: PipelineConfig, data: StageData, stage1: str, steps: int, skip: int) -> float:
+def bare_tokens_per_s(cfg: DuetConfig, data: StageData, stage1: str, steps: int, skip: int) -> float:
     """Plain PyTorch AdamW on pre-collated micro-batches: the model's own speed on this machine."""
     stage = cfg.stage2
     accumulation = stage.global_batch // stage.micro_batch

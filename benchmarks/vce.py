@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
@@ -44,8 +39,8 @@ from benchmarks.common import (
     seconds,
     write_json,
 )
-from components.config import TinyModelConfig, VCEConfig
-from components.model.mllm import llava_15_7b_config
+from components.config import TinyModelSection, VCESection
+from components.model.llava import llava_15_7b_config
 from components.model.tiny import build_tokenizer, tiny_llava_config
 from components.model.vce import VisualCueEnhancer
 
@@ -148,11 +143,11 @@ def build_parts(
 ) -> tuple[LlavaConfig, VisualCueEnhancer, nn.Module, CLIPVisionModel]:
     """The LLaVA config, VCE (default config: anchor + 3 references), projector and vision tower."""
     if arch == "tiny":
-        config = tiny_llava_config(TinyModelConfig(warmup_steps=0), build_tokenizer(TinyModelConfig().vocab_size))
+        config = tiny_llava_config(TinyModelSection(warmup_steps=0), build_tokenizer(TinyModelSection().vocab_size))
     else:
         config = llava_15_7b_config()
     torch.manual_seed(0)
-    vce = VisualCueEnhancer.from_config(VCEConfig(), config.vision_config.hidden_size)
+    vce = VisualCueEnhancer.from_config(VCESection(), config.vision_config.hidden_size)
     projector = LlavaMultiModalProjector(config)
     tower = CLIPVisionModel(config.vision_config).requires_grad_(False).eval()
     return (config, vce.to(device=device, dtype=dtype), projector.to(device=device, dtype=dtype),
@@ -168,7 +163,7 @@ def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtyp
     pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=gen).to(device=device, dtype=dtype)
     with torch.no_grad():
         hidden = tower(pixels, output_hidden_states=True).hidden_states
-    cfg = VCEConfig()
+    cfg = VCESection()
     anchor = hidden[cfg.anchor_layer][:, 1:].contiguous()
     references = [anchor] + [hidden[i][:, 1:].contiguous() for i in cfg.reference_layers]
     grad_vce = torch.randn(1, patches, dim, generator=gen).to(device=device, dtype=dtype)

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import ray
 import torch
-from ray.util.debug import log_once
 
-from components.config import PipelineConfig
+# Private, but the call Ray Train itself makes before it waits for workers (worker_group.py).
+from ray._private.state import state as ray_state
+
+from components.config import DuetConfig
 from components.errors import ClusterTooSmallError
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,13 @@ LOCAL_MIN_CPUS = 4
 _READER = 1
 
 
-def init_ray(cfg: PipelineConfig) -> str:
+def init_ray(cfg: DuetConfig) -> str:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local instance of our own.
 
     Without RAY_ADDRESS a plain `ray.init()` would join any cluster a `ray start` left running on
     this machine (and then refuse `num_cpus`); a local run never does that by accident: it starts
     its own instance (`address="local"`). Returns a line that says which.
     """
-    quiet_ray_data()
     if ray.is_initialized():
         return "Ray: already connected"
     address = os.environ.get("RAY_ADDRESS")
@@ -54,29 +55,14 @@ def init_ray(cfg: PipelineConfig) -> str:
             "`ray job submit` to run on a cluster")
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's own progress bars and per-dataset start and finish lines off, for every dataset this
-    process builds (a dataset keeps the context it was built with, also where it runs): a stage streams
-    four datasets at once, whose bars would be redrawn for every block. duet prints its own progress."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.enable_auto_log_stats = False
-    # Its per-dataset "execution finished" lines are INFO; its warnings still show.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Ray Data reminds once per process that its bars are off ("To enable, set ..."): they are off on
-    # purpose here, so that reminder is used up now (Ray's own once-per-process switch).
-    log_once("ray_data_progress_manager_disabled")
-
-
-def use_gpu_for_training(cfg: PipelineConfig) -> bool:
+def use_gpu_for_training(cfg: DuetConfig) -> bool:
     """`scaling.use_gpu: auto` trains on GPUs when the cluster has any (the head may have none: ask the cluster)."""
     if cfg.scaling.use_gpu != "auto":
         return bool(cfg.scaling.use_gpu)
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def use_gpu_for_evaluation(cfg: PipelineConfig) -> bool:
+def use_gpu_for_evaluation(cfg: DuetConfig) -> bool:
     """`eval.use_gpu: auto`: the Ray cluster (or, before Ray starts, this machine) has GPUs."""
     if cfg.eval.use_gpu != "auto":
         return bool(cfg.eval.use_gpu)
@@ -97,8 +83,8 @@ class Need:
     breakdown: str
 
 
-def data_cpus_per_worker(cfg: PipelineConfig, has_validation: bool) -> float:
-    """CPUs the Ray Data streams of one training worker hold at peak (see components/data/pipeline.py).
+def data_cpus_per_worker(cfg: DuetConfig, has_validation: bool) -> float:
+    """CPUs the Ray Data streams of one training worker hold at peak (see components/data/dataset.py).
 
     Each stream runs a reader plus up to `transform_concurrency` text and image actors at
     `preprocess_num_cpus` each; a worker keeps its training stream open while it validates.
@@ -107,7 +93,7 @@ def data_cpus_per_worker(cfg: PipelineConfig, has_validation: bool) -> float:
     return per_stream * (2 if has_validation else 1)
 
 
-def stage_need(cfg: PipelineConfig, stage: int, has_validation: bool, use_gpu: bool) -> Need:
+def stage_need(cfg: DuetConfig, stage: int, has_validation: bool, use_gpu: bool) -> Need:
     """What one stage holds: its training workers and their data preprocessing."""
     workers = cfg.scaling.num_workers
     data = data_cpus_per_worker(cfg, has_validation)
@@ -123,7 +109,7 @@ def stage_need(cfg: PipelineConfig, stage: int, has_validation: bool, use_gpu: b
     return Need(f"stage {stage}", resources, breakdown)
 
 
-def evaluation_need(cfg: PipelineConfig, use_gpu: bool) -> Need:
+def evaluation_need(cfg: DuetConfig, use_gpu: bool) -> Need:
     """What an evaluation holds: its generation replicas and the reader and prompt step feeding them."""
     replicas = cfg.eval.num_replicas
     feed = 2 * cfg.data.preprocess_num_cpus
@@ -136,7 +122,7 @@ def evaluation_need(cfg: PipelineConfig, use_gpu: bool) -> Need:
     return Need("evaluation", resources, breakdown)
 
 
-def pipeline_needs(cfg: PipelineConfig, has_validation: bool) -> list[Need]:
+def pipeline_needs(cfg: DuetConfig, has_validation: bool) -> list[Need]:
     """Everything the full pipeline will hold at some point, one step at a time."""
     train_gpu, eval_gpu = use_gpu_for_training(cfg), use_gpu_for_evaluation(cfg)
     return [stage_need(cfg, 1, False, train_gpu), stage_need(cfg, 2, has_validation, train_gpu),
@@ -150,10 +136,7 @@ def cluster_capacity() -> tuple[dict[str, float], bool]:
     """The cluster's resources, and whether they come from an autoscaler's limits (what it can grow to)."""
     now = dict(ray.cluster_resources())
     try:
-        # Private, but the call Ray Train itself makes before it waits for workers (worker_group.py).
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config()
+        most = ray_state.get_max_resources_from_cluster_config()
     except Exception as exc:  # an older or unusual cluster: judge by what it has now
         log.debug("no autoscaler limits (%s)", exc)
         most = None

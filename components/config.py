@@ -43,13 +43,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class RunConfig(Section):
+class RunSection(Section):
     name: str = Field("duet", min_length=1, description="Stable run name; re-running a name resumes it.")
     seed: Seed = 0
     work_dir: str = Field(".duet", description="Local folder for the embedded defaults (Ray storage, MLflow).")
 
 
-class StorageConfig(Section):
+class StorageSection(Section):
     """Object storage settings; credentials are never here, they come from the environment or IAM."""
 
     endpoint_url: str | None = Field(None, description="S3 endpoint override, e.g. http://127.0.0.1:9000 (MinIO).")
@@ -59,7 +59,7 @@ class StorageConfig(Section):
     request_timeout_s: PositiveFloat = 60.0
 
 
-class DataConfig(Section):
+class DataSection(Section):
     name: str = Field("synthetic", min_length=1, description="Dataset name; shards go to {root}/{name}/.")
     root: str = Field("datasets", description="URI under which datasets are written and read (relative: under run.work_dir).")
     source: Literal["synthetic", "llava", "unifood"] = "synthetic"
@@ -98,7 +98,7 @@ class DataConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _input_for_file_sources(self) -> DataConfig:
+    def _input_for_file_sources(self) -> DataSection:
         if self.source != "synthetic" and not self.input:
             raise ValueError(f"data.source {self.source!r} needs data.input (the JSON file; --input on the CLI)")
         if self.val_fraction + self.test_fraction >= 1:
@@ -109,7 +109,7 @@ class DataConfig(Section):
         return self
 
 
-class TinyModelConfig(Section):
+class TinyModelSection(Section):
     """Sizes of the tiny LLaVA used by tests and the demo (built from config, no download)."""
 
     vision_hidden: PositiveInt = 64
@@ -125,17 +125,17 @@ class TinyModelConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)] = 200
 
 
-class ModelConfig(Section):
+class ModelSection(Section):
     arch: Literal["tiny", "llava-1.5-7b", "checkpoint"] = Field(
         "tiny", description="Architecture: the tiny test model, the LLaVA-1.5-7B preset, or read from checkpoint."
     )
     checkpoint: str | None = Field(None, description="Local path or URI of a LlavaForConditionalGeneration checkpoint.")
-    tiny: TinyModelConfig = TinyModelConfig()
+    tiny: TinyModelSection = TinyModelSection()
     max_length: PositiveInt = 2048
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _checkpoint_needed(self) -> ModelConfig:
+    def _checkpoint_needed(self) -> ModelSection:
         if self.arch == "checkpoint" and not self.checkpoint:
             raise ValueError("model.arch 'checkpoint' needs model.checkpoint (a local path or s3:// URI)")
         return self
@@ -158,7 +158,7 @@ class ModelConfig(Section):
         return layers
 
 
-class VCEConfig(Section):
+class VCESection(Section):
     """Visual Cue Enhancement (paper section 3.3): deformable cross-attention over vision layers."""
 
     enabled: bool = True
@@ -189,7 +189,7 @@ class VCEConfig(Section):
 AdapterType = Literal["none", "lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
 
 
-class AdapterConfig(Section):
+class AdapterSection(Section):
     type: AdapterType = "dual_lora"
     r: PositiveInt = 128
     alpha: PositiveFloat = 256.0
@@ -211,13 +211,13 @@ class AdapterConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _top_k_within_experts(self) -> AdapterConfig:
+    def _top_k_within_experts(self) -> AdapterSection:
         if self.top_k > self.num_experts:
             raise ValueError(f"adapter.top_k ({self.top_k}) must be <= adapter.num_experts ({self.num_experts})")
         return self
 
 
-class StageConfig(Section):
+class StageSection(Section):
     """One training stage; the global batch holds for any worker count (accumulation is derived)."""
 
     name: str = Field(min_length=1)
@@ -237,15 +237,15 @@ class StageConfig(Section):
     log_every: PositiveInt = 1
 
 
-def _stage1_default() -> StageConfig:
-    return StageConfig(name="stage1", lr=1e-3, global_batch=256)
+def _stage1_default() -> StageSection:
+    return StageSection(name="stage1", lr=1e-3, global_batch=256)
 
 
-def _stage2_default() -> StageConfig:
-    return StageConfig(name="stage2", lr=2e-5, adapter_lr=2e-4, global_batch=128)
+def _stage2_default() -> StageSection:
+    return StageSection(name="stage2", lr=2e-5, adapter_lr=2e-4, global_batch=128)
 
 
-class DeepSpeedConfig(Section):
+class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
@@ -254,13 +254,13 @@ class DeepSpeedConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _offload_needs_zero(self) -> DeepSpeedConfig:
+    def _offload_needs_zero(self) -> DeepSpeedSection:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3 (ZeRO-Offload)")
         return self
 
 
-class ScalingConfig(Section):
+class ScalingSection(Section):
     num_workers: PositiveInt = 2
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
@@ -269,7 +269,7 @@ class ScalingConfig(Section):
     storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://); default work_dir.")
 
 
-class TrackingConfig(Section):
+class TrackingSection(Section):
     tracking_uri: str | None = Field(None, description="MLflow server; default MLFLOW_TRACKING_URI or local SQLite.")
     experiment: str = "duet"
     outage_timeout_s: float = Field(
@@ -300,7 +300,7 @@ class SearchSpace(Section):
 TUNE_METRICS = ("val_loss", "loss", "tokens_per_s", "samples_per_s")
 
 
-class TuneConfig(Section):
+class TuneSection(Section):
     enabled: bool = False
     num_samples: PositiveInt = 8
     search: Literal["random", "optuna"] = "random"
@@ -326,8 +326,8 @@ class TuneConfig(Section):
         return value
 
 
-class EvalConfig(Section):
-    """Batch generation on a Ray Data actor pool: one model replica per actor (components/evaluate.py)."""
+class EvalSection(Section):
+    """Batch generation on a Ray Data actor pool: one model replica per actor (components/evaluate/run.py)."""
 
     max_new_tokens: PositiveInt = 64
     batch_size: PositiveInt = 8
@@ -342,7 +342,7 @@ class EvalConfig(Section):
     )
 
 
-class RegistryConfig(Section):
+class RegistrySection(Section):
     model_name: str = Field("duet-llava", min_length=1)
     alias: str = Field("champion", min_length=1)
     metric: str = "score"
@@ -350,23 +350,23 @@ class RegistryConfig(Section):
     min_margin: Annotated[float, Field(ge=0)] = 0.0
 
 
-class PipelineConfig(Section):
+class DuetConfig(Section):
     """The whole pipeline. Cross-section checks live here."""
 
-    run: RunConfig = RunConfig()
-    storage: StorageConfig = StorageConfig()
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    vce: VCEConfig = VCEConfig()
-    adapter: AdapterConfig = AdapterConfig()
-    stage1: StageConfig = Field(default_factory=_stage1_default)
-    stage2: StageConfig = Field(default_factory=_stage2_default)
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    scaling: ScalingConfig = ScalingConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    tune: TuneConfig = TuneConfig()
-    eval: EvalConfig = EvalConfig()
-    registry: RegistryConfig = RegistryConfig()
+    run: RunSection = RunSection()
+    storage: StorageSection = StorageSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    vce: VCESection = VCESection()
+    adapter: AdapterSection = AdapterSection()
+    stage1: StageSection = Field(default_factory=_stage1_default)
+    stage2: StageSection = Field(default_factory=_stage2_default)
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    scaling: ScalingSection = ScalingSection()
+    tracking: TrackingSection = TrackingSection()
+    tune: TuneSection = TuneSection()
+    eval: EvalSection = EvalSection()
+    registry: RegistrySection = RegistrySection()
 
     @model_validator(mode="before")
     @classmethod
@@ -381,7 +381,7 @@ class PipelineConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _global_batch_splits_over_workers(self) -> PipelineConfig:
+    def _global_batch_splits_over_workers(self) -> DuetConfig:
         """Checked here, not in the workers: there it would fail after the data, the base and stage 1."""
         workers = self.scaling.num_workers
         for stage in (self.stage1, self.stage2):
@@ -394,13 +394,13 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _layers_inside_vision_tower(self) -> PipelineConfig:
+    def _layers_inside_vision_tower(self) -> DuetConfig:
         layers = self.model.vision_layers()
         if layers is not None:
             self.vce.check_layers(layers)
         return self
 
-    def with_absolute_paths(self, cwd: str | None = None) -> PipelineConfig:
+    def with_absolute_paths(self, cwd: str | None = None) -> DuetConfig:
         """Relative local paths made absolute, so Ray workers (which run in other directories) find the same files.
 
         One rule: `run.work_dir` resolves against the current directory (`cwd`), and everything duet
@@ -430,6 +430,12 @@ class PipelineConfig(Section):
             ),
             "scaling": self.scaling.model_copy(update={"storage_path": under(work_dir, self.scaling.storage_path)}),
         })
+
+    def stage(self, number: int) -> StageSection:
+        """The section of training stage 1 or 2."""
+        if number not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {number!r}")
+        return self.stage1 if number == 1 else self.stage2
 
     def hash(self) -> str:
         """Stable digest of the resolved config, used to recognise already-done work."""
@@ -493,7 +499,7 @@ _MAX_ERRORS = 12  # a list of 10 000 bad items is reported by its first few
 
 def _section_at(loc: Sequence[Any]) -> type[Section] | None:
     """The section class that holds the last key of a validation error's location, if the path is known."""
-    section: type[Section] = PipelineConfig
+    section: type[Section] = DuetConfig
     for part in loc[:-1]:
         field = section.model_fields.get(str(part))
         annotation = field.annotation if field is not None else None
@@ -577,7 +583,7 @@ def _empty_sections_as_defaults(tree: dict[str, Any], section: type[Section]) ->
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> DuetConfig:
     """Load YAML (or defaults when path is None), apply overrides, validate everything."""
     tree: dict[str, Any] = {}
     if path is not None:
@@ -595,24 +601,24 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
             raise ConfigError(f"config file {_echo(str(file))} is not valid YAML: {str(exc)[:800]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {_echo(str(file))} must hold a mapping of sections, got {type(loaded).__name__}")
-        tree = _empty_sections_as_defaults(loaded, PipelineConfig)
+        tree = _empty_sections_as_defaults(loaded, DuetConfig)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return PipelineConfig.model_validate(tree)
+        return DuetConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 
 
-def config_from_dict(tree: dict[str, Any]) -> PipelineConfig:
+def config_from_dict(tree: dict[str, Any]) -> DuetConfig:
     """Validate an already-resolved config (e.g. the one logged with a run or shipped to a worker)."""
     try:
-        return PipelineConfig.model_validate(tree)
+        return DuetConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 
 
-def dump_config(cfg: PipelineConfig) -> str:
+def dump_config(cfg: DuetConfig) -> str:
     """The resolved config as YAML: enough on its own to reproduce a run."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
@@ -632,7 +638,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def parse_cli(
     description: str, argv: Sequence[str] | None = None, extra: Any = None
-) -> tuple[PipelineConfig, argparse.Namespace]:
+) -> tuple[DuetConfig, argparse.Namespace]:
     """Parse a pipeline script's arguments and validate the config; exit 2 with the message on error.
 
     `description` is the script's docstring, shown whole by `--help` (its usage examples included);

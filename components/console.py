@@ -7,8 +7,6 @@ that `--help` and config errors answer at once.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from collections.abc import Callable
 
@@ -25,27 +23,6 @@ def say(message: str) -> None:
 def error(message: str) -> None:
     """A user-facing error line on standard error."""
     print(f"{PREFIX} error: {message}", file=sys.stderr, flush=True)
-
-
-def quiet_libraries() -> None:
-    """Switch off, in this process, the library output that is noise for the person reading it.
-
-    Off a terminal (a file, CI, `ray job logs`) nothing is redrawn: Hugging Face's and MLflow's
-    progress bars are off there (on a terminal they stay: one live display per running step).
-    MLflow's notices that it creates its local SQLite tables go too. DeepSpeed, which transformers
-    imports when it saves a model, is told the accelerator instead of probing and warning. Warnings
-    and errors of every library still show.
-    """
-    from transformers.utils import logging as hf_logging  # heavy: only when a pipeline really runs
-
-    if not sys.stdout.isatty():
-        hf_logging.disable_progress_bar()
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    import torch
-
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_script(main: Callable[[], object]) -> int:

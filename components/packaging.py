@@ -1,6 +1,6 @@
 """The MLflow pyfunc flavour of a fine-tuned duet model: what goes into the package, how it loads, how it answers.
 
-components/tracking.py is the module that talks to MLflow (runs, logging, the logged-model record);
+components/tracking/tracker.py is the module that talks to MLflow (runs, logging, the logged-model record);
 this module owns only the model flavour and hands the package to ``Tracker.log_pyfunc``.
 
 Package contents (the MLflow model's artifacts):
@@ -12,7 +12,7 @@ Package contents (the MLflow model's artifacts):
             self-contained. Otherwise the folder holds ``base.json`` with the checkpoint's URI: a 7B base
             is not duplicated into every model version, and the URI (``s3://...`` or a shared path)
             must be readable where the model is loaded (object-store checkpoints are downloaded once
-            per machine, see ``components.model.mllm.local_checkpoint``).
+            per machine, see ``components.model.llava.local_checkpoint``).
 
 The model itself is logged as code (MLflow's models-from-code: a two-line script that builds
 ``DuetPyfunc``), never pickled, so loading it unpickles nothing. The ``components`` package travels
@@ -22,7 +22,7 @@ requirements are pinned to the versions installed when logging.
 Input: a DataFrame with ``image`` (PNG/JPEG bytes, or a base64 string, optionally a ``data:`` URL;
 empty for a text-only prompt) and ``prompt`` (the question; ``<image>`` is put in front when the
 prompt has none). Output: one greedy answer per row, asked in the training template exactly as the
-evaluation asks (components.evaluate), so the served model answers what the evaluated one answered.
+evaluation asks (components/evaluate/prompts.py and generate.py), so the served model answers what the evaluated one answered.
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import components
 from components import storage
-from components.config import PipelineConfig, config_from_dict, dump_config
+from components.config import DuetConfig, config_from_dict, dump_config
 from components.data.conversation import ConversationError
 from components.data.records import BadRecord
-from components.evaluate import IMAGE_TOKEN, Generator, PromptBuilder, visual_token_count
-from components.model.mllm import ARTIFACT_ADAPTER, ARTIFACT_CONFIG, read_artifact_meta
-from components.tracking import Tracker, redact
+from components.evaluate.generate import Generator
+from components.evaluate.prompts import IMAGE_TOKEN, PromptBuilder, visual_token_count
+from components.model.artifact import ARTIFACT_ADAPTER, ARTIFACT_CONFIG, read_artifact_meta
+from components.tracking.redact import redact
+from components.tracking.tracker import Tracker
 
 EMBED_BASE_MAX_BYTES = 512 * 2**20
 BASE_REFERENCE = "base.json"
@@ -172,7 +174,7 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def should_embed_base(cfg: PipelineConfig, max_bytes: int = EMBED_BASE_MAX_BYTES) -> bool:
+def should_embed_base(cfg: DuetConfig, max_bytes: int = EMBED_BASE_MAX_BYTES) -> bool:
     """Copy the base into the package only for a local tiny checkpoint no larger than `max_bytes`."""
     checkpoint = cfg.model.checkpoint
     if cfg.model.arch != "tiny" or not checkpoint or storage.is_remote(checkpoint):
@@ -181,7 +183,7 @@ def should_embed_base(cfg: PipelineConfig, max_bytes: int = EMBED_BASE_MAX_BYTES
     return path.is_dir() and _dir_size(path) <= max_bytes
 
 
-def stage_package(cfg: PipelineConfig, stage2_artifact_uri: str, out_dir: str,
+def stage_package(cfg: DuetConfig, stage2_artifact_uri: str, out_dir: str,
                   embed_max_bytes: int = EMBED_BASE_MAX_BYTES) -> dict[str, str]:
     """Write the package's artifacts under `out_dir`; returns MLflow's artifacts mapping (key -> local path)."""
     meta = read_artifact_meta(stage2_artifact_uri, cfg.storage)
@@ -209,7 +211,7 @@ def stage_package(cfg: PipelineConfig, stage2_artifact_uri: str, out_dir: str,
     return {"config": str(config), "stage2": str(stage2), "base": str(base)}
 
 
-def log_pyfunc(cfg: PipelineConfig, stage2_artifact_uri: str, run_id: str, artifact_path: str = "model",
+def log_pyfunc(cfg: DuetConfig, stage2_artifact_uri: str, run_id: str, artifact_path: str = "model",
                embed_max_bytes: int = EMBED_BASE_MAX_BYTES) -> str:
     """Log the fine-tuned model as a pyfunc under `run_id`; returns its ``runs:/RUN/PATH`` URI."""
     tracker = Tracker(cfg.tracking, cfg.run.work_dir)

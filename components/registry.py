@@ -22,26 +22,19 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from components.config import RegistryConfig
+from components.config import RegistrySection
 from components.errors import DuetError
-from components.metrics import primary_score
-from components.tracking import (
-    TAG_CONFIG_HASH,
-    TAG_DATASET_DIGEST,
-    TAG_GIT_COMMIT,
-    TAG_PARENT_STAGE_RUN,
-    TAG_STAGE1_ARTIFACT,
-    Tracker,
-    is_secret_name,
-    redact,
+from components.evaluate.metrics import primary_score
+from components.tracking.redact import is_secret_name, redact
+from components.tracking.tags import (
+    LINEAGE_TAGS,
+    METRIC_TAG_PREFIX,
+    TAG_FORCED,
+    TAG_GATE,
+    TAG_PROMOTED_OVER,
+    TAG_SOURCE_RUN,
 )
-
-METRIC_TAG_PREFIX = "metric."
-TAG_SOURCE_RUN = "duet.source_run_id"
-TAG_FORCED = "duet.forced"
-TAG_GATE = "duet.gate"
-TAG_PROMOTED_OVER = "duet.promoted_over"
-LINEAGE_TAGS = (TAG_PARENT_STAGE_RUN, TAG_STAGE1_ARTIFACT, TAG_DATASET_DIGEST, TAG_CONFIG_HASH, TAG_GIT_COMMIT)
+from components.tracking.tracker import Tracker
 
 Outcome = Literal["promoted", "already", "rejected"]
 
@@ -82,7 +75,7 @@ class Decision:
 class Registry:
     """Registration and gated promotion for one registered model name (``registry.model_name``)."""
 
-    def __init__(self, tracker: Tracker, cfg: RegistryConfig) -> None:
+    def __init__(self, tracker: Tracker, cfg: RegistrySection) -> None:
         self.tracker = tracker
         self.client = tracker.client
         self.cfg = cfg

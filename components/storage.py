@@ -1,7 +1,7 @@
 """The one place that turns a URI into a pyarrow filesystem and a path.
 
 pyarrow does not read the AWS endpoint variables, so every S3 filesystem is
-built here from `StorageConfig` (endpoint override, region, retries, timeouts)
+built here from `StorageSection` (endpoint override, region, retries, timeouts)
 and passed explicitly to whoever does I/O (Ray Data, Ray Train, this module).
 Credentials are left to the AWS SDK's default chain (environment variables,
 config files, instance role): they are never passed around, printed, or put
@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from components.config import StorageConfig
+from components.config import StorageSection
 from components.errors import DuetError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def is_remote(uri: str) -> bool:
     return urlsplit(uri).scheme == "s3"
 
 
-def endpoint_url(cfg: StorageConfig | None = None) -> str | None:
+def endpoint_url(cfg: StorageSection | None = None) -> str | None:
     """The S3 endpoint override in effect: the config's, else the standard AWS env variables, else None."""
     if cfg is not None and cfg.endpoint_url:
         return cfg.endpoint_url
@@ -78,12 +78,12 @@ def _public_endpoint(url: str | None) -> str:
     return f"{parts.scheme}://{host}{port}" if parts.scheme else f"{host}{port}"
 
 
-def describe_endpoint(uri: str, cfg: StorageConfig | None = None) -> str:
+def describe_endpoint(uri: str, cfg: StorageSection | None = None) -> str:
     """Where `uri` lives, for error messages: the S3 endpoint or 'local filesystem'."""
     return _public_endpoint(endpoint_url(cfg)) if is_remote(uri) else "local filesystem"
 
 
-def _s3_filesystem(cfg: StorageConfig, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
+def _s3_filesystem(cfg: StorageSection, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
     return _cached_s3_filesystem(endpoint_url(cfg), cfg.region, cfg.retries, cfg.connect_timeout_s,
                                  cfg.request_timeout_s, allow_bucket_creation)
 
@@ -116,7 +116,7 @@ def _cached_s3_filesystem(
     return pafs.S3FileSystem(**options)
 
 
-def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, cfg: StorageSection | None = None) -> tuple[pafs.FileSystem, str]:
     """Map a URI to (filesystem, path inside it). S3 paths are `bucket/key`; local paths are absolute."""
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"expected a URI or path, got {uri!r} (use {_SUPPORTED})")
@@ -125,7 +125,7 @@ def resolve(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem
         if not parts.netloc:
             raise ValueError(f"URI {uri!r} has no bucket: expected s3://bucket/prefix")
         path = posixpath.join(parts.netloc, parts.path.lstrip("/")).rstrip("/")
-        return _s3_filesystem(cfg or StorageConfig()), path
+        return _s3_filesystem(cfg or StorageSection()), path
     if parts.scheme == "file":
         local = parts.path if not parts.netloc else f"{parts.netloc}{parts.path}"
         return pafs.LocalFileSystem(), os.path.abspath(local)
@@ -206,7 +206,7 @@ def retry(
     raise AssertionError("unreachable")
 
 
-def _with_retry(uri: str, cfg: StorageConfig | None, what: str, fn: Callable[[], T]) -> T:
+def _with_retry(uri: str, cfg: StorageSection | None, what: str, fn: Callable[[], T]) -> T:
     endpoint = describe_endpoint(uri, cfg)
     if is_remote(uri) and endpoint_url(cfg) is None:  # a MinIO or moto user who forgot the endpoint reads this
         endpoint += "; for MinIO or another S3 API set storage.endpoint_url or AWS_ENDPOINT_URL_S3"
@@ -216,21 +216,21 @@ def _with_retry(uri: str, cfg: StorageConfig | None, what: str, fn: Callable[[],
 # ---------------------------------------------------------------- files
 
 
-def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+def exists(uri: str, cfg: StorageSection | None = None) -> bool:
     """True when a file or directory is at `uri`."""
     fs, path = resolve(uri, cfg)
     info = _with_retry(uri, cfg, "stat", lambda: fs.get_file_info(path))
     return info.type != pafs.FileType.NotFound
 
 
-def file_size(uri: str, cfg: StorageConfig | None = None) -> int | None:
+def file_size(uri: str, cfg: StorageSection | None = None) -> int | None:
     """Size in bytes of the file at `uri`, or None when there is no file."""
     fs, path = resolve(uri, cfg)
     info = _with_retry(uri, cfg, "stat", lambda: fs.get_file_info(path))
     return info.size if info.type == pafs.FileType.File else None
 
 
-def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+def read_bytes(uri: str, cfg: StorageSection | None = None) -> bytes:
     """The whole content of one file; FileNotFoundError names the URI."""
     fs, path = resolve(uri, cfg)
 
@@ -244,7 +244,7 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     return _with_retry(uri, cfg, "read", _read)
 
 
-def read_text(uri: str, cfg: StorageConfig | None = None) -> str:
+def read_text(uri: str, cfg: StorageSection | None = None) -> str:
     """A UTF-8 text file."""
     return read_bytes(uri, cfg).decode("utf-8")
 
@@ -266,7 +266,7 @@ def _atomic_local_write(path: str, write: Callable[[object], None]) -> None:
         raise
 
 
-def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+def write_bytes(uri: str, data: bytes, cfg: StorageSection | None = None) -> None:
     """Write one file atomically (local: temp + rename; S3: a PUT is atomic per object)."""
     fs, path = resolve(uri, cfg)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -280,12 +280,12 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
     _with_retry(uri, cfg, "write", _put)
 
 
-def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
+def write_text(uri: str, text: str, cfg: StorageSection | None = None) -> None:
     """A UTF-8 text file, written atomically."""
     write_bytes(uri, text.encode("utf-8"), cfg)
 
 
-def upload_file(local_path: str | os.PathLike[str], uri: str, cfg: StorageConfig | None = None) -> None:
+def upload_file(local_path: str | os.PathLike[str], uri: str, cfg: StorageSection | None = None) -> None:
     """Copy one local file to `uri` atomically, streaming (no full read into memory)."""
     fs, path = resolve(uri, cfg)
 
@@ -305,7 +305,7 @@ def upload_file(local_path: str | os.PathLike[str], uri: str, cfg: StorageConfig
     _with_retry(uri, cfg, "upload to", _put)
 
 
-def list_files(uri: str, suffix: str | None = None, cfg: StorageConfig | None = None) -> list[str]:
+def list_files(uri: str, suffix: str | None = None, cfg: StorageSection | None = None) -> list[str]:
     """URIs of all files under `uri` (recursive, sorted), optionally only those ending in `suffix`."""
     fs, base = resolve(uri, cfg)
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
@@ -321,7 +321,7 @@ def list_files(uri: str, suffix: str | None = None, cfg: StorageConfig | None = 
     return sorted(out)
 
 
-def delete_file(uri: str, cfg: StorageConfig | None = None) -> None:
+def delete_file(uri: str, cfg: StorageSection | None = None) -> None:
     """Remove one file; a missing file is not an error."""
     fs, path = resolve(uri, cfg)
     try:
@@ -330,7 +330,7 @@ def delete_file(uri: str, cfg: StorageConfig | None = None) -> None:
         pass
 
 
-def copy_dir(local_dir: str | os.PathLike[str], uri: str, cfg: StorageConfig | None = None) -> list[str]:
+def copy_dir(local_dir: str | os.PathLike[str], uri: str, cfg: StorageSection | None = None) -> list[str]:
     """Upload every file under `local_dir` to the same relative path under `uri`; returns the URIs written."""
     root = Path(local_dir)
     if not root.is_dir():
@@ -343,7 +343,7 @@ def copy_dir(local_dir: str | os.PathLike[str], uri: str, cfg: StorageConfig | N
     return written
 
 
-def download_dir(uri: str, local_dir: str | os.PathLike[str], cfg: StorageConfig | None = None) -> list[Path]:
+def download_dir(uri: str, local_dir: str | os.PathLike[str], cfg: StorageSection | None = None) -> list[Path]:
     """Download every file under `uri` into `local_dir` (relative layout kept); returns the local paths."""
     sources = list_files(uri, cfg=cfg)
     if not sources:
@@ -372,7 +372,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike[str], cfg: StorageConfig
 # ---------------------------------------------------------------- local copies of remote folders
 
 
-def _listing(uri: str, cfg: StorageConfig | None) -> dict[str, tuple[int, int]]:
+def _listing(uri: str, cfg: StorageSection | None) -> dict[str, tuple[int, int]]:
     """Relative path -> (size, modification time in ns) of every file under `uri`."""
     fs, base = resolve(uri, cfg)
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
@@ -400,7 +400,7 @@ def cache_root() -> Path:
     return Path(tempfile.gettempdir()) / "duet-cache"
 
 
-def local_copy(uri: str, cfg: StorageConfig | None = None, kind: str = "folders") -> Path:
+def local_copy(uri: str, cfg: StorageSection | None = None, kind: str = "folders") -> Path:
     """A complete local copy of the folder at a remote `uri`, downloaded once per machine and version.
 
     The folder is fetched in parallel (`pyarrow.fs.copy_files`, threads) into a temporary folder,
@@ -442,14 +442,14 @@ def local_copy(uri: str, cfg: StorageConfig | None = None, kind: str = "folders"
     return final
 
 
-def ensure_bucket(uri: str, cfg: StorageConfig | None = None) -> None:
+def ensure_bucket(uri: str, cfg: StorageSection | None = None) -> None:
     """Create the bucket of an s3:// URI when it is missing (tests and the local demo stack)."""
     if not is_remote(uri):
         fs, path = resolve(uri, cfg)
         fs.create_dir(path, recursive=True)
         return
     bucket = urlsplit(uri).netloc
-    fs = _s3_filesystem(cfg or StorageConfig(), allow_bucket_creation=True)
+    fs = _s3_filesystem(cfg or StorageSection(), allow_bucket_creation=True)
     info = _with_retry(uri, cfg, "stat bucket", lambda: fs.get_file_info(bucket))
     if info.type == pafs.FileType.NotFound:
         _with_retry(uri, cfg, "create bucket", lambda: fs.create_dir(bucket, recursive=False))

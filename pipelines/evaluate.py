@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from components.config import ConfigError, PipelineConfig, parse_cli
+from components.config import ConfigError, DuetConfig, parse_cli
 from components.console import run_script, say
 
 BASE_MODEL = "base"
@@ -36,9 +36,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write the per-sample table here (.csv, .json or .jsonl)")
 
 
-def models_to_evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, str | None]:
+def models_to_evaluate(cfg: DuetConfig, args: argparse.Namespace) -> dict[str, str | None]:
     """Display name -> model source (None: the bare base checkpoint), baseline first."""
-    from components.train.stage import artifact_uri
+    from components.layout import artifact_uri
 
     models: dict[str, str | None] = {}
     if args.baseline or args.baseline_model:
@@ -56,19 +56,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import pandas as pd
 
     from components.cluster import init_ray
-    from components.console import quiet_libraries
-    from components.data.prepare import split_uri
     from components.data.shards import read_manifest
-    from components.evaluate import (
-        DIFFERENCES,
-        check_model_source,
-        check_table_path,
-        comparison_table,
-        evaluate,
-        write_table,
-    )
+    from components.evaluate.report import DIFFERENCES, check_table_path, comparison_table, write_table
+    from components.evaluate.run import check_model_source, evaluate
+    from components.layout import split_uri
+    from components.quiet import quiet_driver
 
-    quiet_libraries()
+    quiet_driver()
     if args.output:
         check_table_path(args.output)
     split = split_uri(cfg.data, args.split)

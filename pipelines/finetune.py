@@ -28,7 +28,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_cli(__doc__, argv, extra=_arguments)
-    from components.workflow import run_single_stage  # torch, Ray, MLflow: once the arguments are known good
+    from components.workflow.tracked_stage import run_single_stage
 
     result = run_single_stage(cfg, stage=2, stage1_artifact=args.stage1_artifact)
     print(f"stage 2 artifact: {result.artifact_uri}")

@@ -20,7 +20,7 @@ from components.console import run_script
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_cli(__doc__, argv)
-    from components.workflow import run_full  # torch, Ray, MLflow: imported once the arguments are known good
+    from components.workflow.full import run_full
 
     run_full(cfg)
     return 0

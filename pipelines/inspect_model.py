@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_cli(
         __doc__, argv, extra=lambda p: p.add_argument("--json", action="store_true", help="print one JSON object"),
     )
-    from components.model.mllm import build_meta_model, component_sizes  # torch: once the arguments are good
+    from components.model.sizes import build_meta_model, component_sizes
 
     sizes = component_sizes(build_meta_model(cfg, stage=2))
     if args.json:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from components.config import ConfigError, DataConfig, PipelineConfig, parse_cli
+from components.config import ConfigError, DataSection, DuetConfig, parse_cli
 from components.console import run_script
 from components.data.prepare import SplitResult, prepare
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="overrides data.seed")
 
 
-def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+def apply_flags(cfg: DuetConfig, args: argparse.Namespace) -> DuetConfig:
     """The config with the CLI flags written into data.*, validated again."""
     updates = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
     for field in ("input", "root"):  # a path typed on the command line is relative to where it was typed
@@ -43,7 +43,7 @@ def apply_flags(cfg: PipelineConfig, args: argparse.Namespace) -> PipelineConfig
     if updates.get("source") == "synthetic" and args.input is not None:
         raise ConfigError("--input is not used with --source synthetic (the generator needs no input file)")
     try:
-        data = DataConfig.model_validate({**cfg.data.model_dump(), **updates})
+        data = DataSection.model_validate({**cfg.data.model_dump(), **updates})
     except ValidationError as err:
         lines = [f"  data.{'.'.join(map(str, e['loc'])) or '(section)'}: {e['msg'].removeprefix('Value error, ')}"
                  for e in err.errors()]

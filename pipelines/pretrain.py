@@ -19,7 +19,7 @@ from components.console import run_script
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_cli(__doc__, argv)
-    from components.workflow import run_single_stage  # torch, Ray, MLflow: once the arguments are known good
+    from components.workflow.tracked_stage import run_single_stage
 
     result = run_single_stage(cfg, stage=1)
     print(f"stage 1 artifact: {result.artifact_uri}")

@@ -30,7 +30,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_cli(__doc__, argv, extra=_arguments)
     from components.registry import Registry  # MLflow: imported once the arguments are known good
-    from components.tracking import Tracker
+    from components.tracking.tracker import Tracker
 
     name = args.model or cfg.registry.model_name
     reg = cfg.registry

@@ -27,7 +27,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_cli(__doc__, argv, extra=_arguments)
-    from components.workflow import run_sweep  # torch, Ray, MLflow: once the arguments are known good
+    from components.workflow.sweep import run_sweep
 
     run_sweep(cfg, args.output)
     return 0

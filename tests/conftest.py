@@ -21,7 +21,7 @@ from hypothesis import settings
 from moto.server import ThreadedMotoServer
 
 from components import storage
-from components.config import StorageConfig, TinyModelConfig
+from components.config import StorageSection, TinyModelSection
 
 # Property tests run the same examples on every run, so a red CI run is reproducible.
 settings.register_profile("duet", derandomize=True, deadline=None)
@@ -50,8 +50,8 @@ class S3Endpoint:
 
     url: str
 
-    def storage_config(self, **overrides: object) -> StorageConfig:
-        return StorageConfig(endpoint_url=self.url, region="us-east-1", retries=2, **overrides)
+    def storage_config(self, **overrides: object) -> StorageSection:
+        return StorageSection(endpoint_url=self.url, region="us-east-1", retries=2, **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -87,4 +87,4 @@ def tiny_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from components.model.tiny import build_tiny_processor
 
     path: Path = tmp_path_factory.mktemp("tiny-processor")
-    return build_tiny_processor(TinyModelConfig(), path)
+    return build_tiny_processor(TinyModelSection(), path)

@@ -16,8 +16,8 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from components.config import AdapterConfig
-from components.model.adapters import (
+from components.config import AdapterSection
+from components.model.adapters.apply import (
     apply_adapter,
     config_class_for,
     is_adapter_param,
@@ -25,8 +25,8 @@ from components.model.adapters import (
     peft_config_for,
     target_regex,
 )
-from components.model.dual_lora import DualLoraConfig
-from components.model.moe_lora import MoeLoraSoftmaxConfig, MoeLoraTopkConfig, RodeLoraConfig
+from components.model.adapters.dual_lora import DualLoraConfig
+from components.model.adapters.moe_lora import MoeLoraSoftmaxConfig, MoeLoraTopkConfig, RodeLoraConfig
 
 TYPES = ["lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
 SMALL = dict(r=8, alpha=16, dropout=0.0, expert_rank=4, num_experts=4, top_k=2, rode_ranks=[4, 2, 1, 1])
@@ -63,7 +63,7 @@ def adapted_layers(model: torch.nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_default_targets_are_the_language_models_q_and_v(kind):
-    model = apply_adapter(tiny_llava(), AdapterConfig(type=kind, **SMALL))
+    model = apply_adapter(tiny_llava(), AdapterSection(type=kind, **SMALL))
     expected = sorted(
         f"base_model.model.model.language_model.layers.{i}.self_attn.{p}"
         for i in range(2)
@@ -98,13 +98,13 @@ def test_target_names_and_regexes():
 
 def test_regex_targets_reach_any_linear():
     targets = [r".*language_model.*mlp\.\w+_proj"]
-    model = apply_adapter(tiny_llava(), AdapterConfig(type="dual_lora", target_modules=targets, **SMALL))
+    model = apply_adapter(tiny_llava(), AdapterSection(type="dual_lora", target_modules=targets, **SMALL))
     assert len(adapted_layers(model)) == 2 * 3
 
 
 def test_non_linear_targets_are_refused():
     """PEFT would put a plain LoRA on an embedding; a Dual-LoRA run must not silently contain one."""
-    cfg = AdapterConfig(type="dual_lora", target_modules=[r".*embed_tokens", "q_proj"], **SMALL)
+    cfg = AdapterSection(type="dual_lora", target_modules=[r".*embed_tokens", "q_proj"], **SMALL)
     with pytest.raises(ValueError, match="cannot adapt .*nn.Linear only.*embed_tokens"):
         apply_adapter(LlamaForCausalLM(text_config()), cfg)
 
@@ -120,7 +120,7 @@ def test_non_linear_targets_are_refused():
     ],
 )
 def test_peft_config_for_maps_every_field(kind, cls):
-    cfg = AdapterConfig(
+    cfg = AdapterSection(
         type=kind,
         r=16,
         alpha=32,
@@ -149,15 +149,15 @@ def test_peft_config_for_maps_every_field(kind, cls):
 
 def test_none_returns_the_model_unchanged():
     model = LlamaForCausalLM(text_config())
-    assert apply_adapter(model, AdapterConfig(type="none")) is model
+    assert apply_adapter(model, AdapterSection(type="none")) is model
     with pytest.raises(ValueError, match="adapter.type 'none' has no PEFT config"):
-        peft_config_for(AdapterConfig(type="none"))
+        peft_config_for(AdapterSection(type="none"))
 
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_every_method_trains_a_tiny_causal_lm(kind):
     torch.manual_seed(0)
-    model = apply_adapter(LlamaForCausalLM(text_config()), AdapterConfig(type=kind, **SMALL))
+    model = apply_adapter(LlamaForCausalLM(text_config()), AdapterSection(type=kind, **SMALL))
     ids = torch.randint(0, 64, (4, 16))
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(is_adapter_param(n) for n, p in model.named_parameters() if p.requires_grad)
@@ -176,7 +176,7 @@ def test_every_method_trains_a_tiny_causal_lm(kind):
 @pytest.mark.parametrize("kind", TYPES)
 def test_load_adapter_picks_the_saved_method(kind, tmp_path):
     torch.manual_seed(0)
-    model = apply_adapter(LlamaForCausalLM(text_config()), AdapterConfig(type=kind, **SMALL))
+    model = apply_adapter(LlamaForCausalLM(text_config()), AdapterSection(type=kind, **SMALL))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if is_adapter_param(name):

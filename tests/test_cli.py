@@ -7,6 +7,7 @@ line and exit status 1 or 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,8 @@ def test_an_unreachable_object_store_ends_in_one_line(tmp_path: Path) -> None:
          "--set", f"storage.endpoint_url=http://127.0.0.1:{free_port()}", "--set", "storage.retries=1"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": "test-key-id",
-             "AWS_SECRET_ACCESS_KEY": "test-secret-key", "AWS_EC2_METADATA_DISABLED": "true"},
+             "AWS_SECRET_ACCESS_KEY": "test-secret-key", "AWS_EC2_METADATA_DISABLED": "true",
+             **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}},
     )
     assert done.returncode == 1, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("[duet] error:")]

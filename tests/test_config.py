@@ -9,7 +9,7 @@ import yaml
 
 from components.config import (
     ConfigError,
-    PipelineConfig,
+    DuetConfig,
     dump_config,
     durable_work_dir,
     load_config,
@@ -44,7 +44,7 @@ def test_overrides_apply_with_yaml_types() -> None:
 
 
 def test_defaults_are_valid_and_roundtrip_through_yaml(tmp_path: Path) -> None:
-    cfg = PipelineConfig()
+    cfg = DuetConfig()
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg

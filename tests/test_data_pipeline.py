@@ -18,14 +18,15 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from components import storage
-from components.config import PipelineConfig
+from components.config import DuetConfig
 from components.data.conversation import IGNORE_INDEX
-from components.data.prepare import prepare, split_uri
+from components.data.prepare import prepare
 from components.data.quality import _Monitor
 from components.data.records import BadRecord, decode_image, parse_row, to_rgb
 from components.data.shards import Manifest, ShardInfo, TarShardWriter, encode_record, read_manifest
 from components.data.synthetic import SyntheticShapes
 from components.data.transform import ImageSpec, load_image_spec, normalize, resize_and_crop
+from components.layout import split_uri
 
 NUM_VISUAL = 64  # tiny model: (64 / 8) ** 2
 
@@ -179,7 +180,7 @@ def test_zero_threshold_fails_on_the_first_bad_row() -> None:
 def test_keep_positions_gives_every_row_to_exactly_one_worker() -> None:
     import pandas as pd
 
-    from components.data.stages import keep_positions
+    from components.data.preprocessors import keep_positions
 
     keys = [f"{i:09d}" for i in range(10)] + ["../evil", "g0001"]
     batch = pd.DataFrame({"__key__": keys, "json": [b"{}"] * len(keys)})
@@ -192,7 +193,7 @@ def test_keep_positions_gives_every_row_to_exactly_one_worker() -> None:
 
 
 def test_collate_pads_and_concatenates_images() -> None:
-    from components.data.pipeline import collate
+    from components.data.dataset import collate
 
     batch = {
         "input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),
@@ -240,9 +241,9 @@ def test_streams_synthetic_split_from_s3_into_torch_batches(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from components.data.pipeline import build_dataset, make_collate, quality_report
+    from components.data.dataset import build_dataset, make_collate, quality_report
 
-    cfg = PipelineConfig.model_validate({
+    cfg = DuetConfig.model_validate({
         "storage": {"endpoint_url": s3_endpoint.url, "region": "us-east-1"},
         "data": {"root": f"{s3_bucket}/datasets", "num_records": 48, "caption_records": 8, "records_per_shard": 20},
         "model": {"max_length": 320},
@@ -326,10 +327,10 @@ def _planted_split(root: Path) -> tuple[str, dict[str, int], int]:
 def test_planted_bad_rows_are_skipped_counted_then_fatal_past_the_threshold(
     ray_cluster: None, tmp_path: Path, tiny_processor_dir: str
 ) -> None:
-    from components.data.pipeline import build_dataset, make_collate, quality_report
+    from components.data.dataset import build_dataset, make_collate, quality_report
 
     uri, expected, good = _planted_split(tmp_path / "planted")
-    lenient = PipelineConfig.model_validate({"data": {"max_bad_fraction": 1.0, "max_image_pixels": 50_000},
+    lenient = DuetConfig.model_validate({"data": {"max_bad_fraction": 1.0, "max_image_pixels": 50_000},
                                              "model": {"max_length": 400}})
     collate_fn = make_collate(tiny_processor_dir)
     rows = images = 0

@@ -18,35 +18,33 @@ import pytest
 import ray
 import torch
 
-from components.config import PipelineConfig, load_config
+from components.config import DuetConfig, load_config
 from components.data.conversation import (
     ConversationError,
     ImageMismatchError,
     SequenceTooLongError,
     render,
 )
-from components.data.prepare import prepare, split_uri
+from components.data.prepare import prepare
 from components.data.synthetic import SyntheticShapes
 from components.errors import ArtifactError, DuetError
-from components.evaluate import (
+from components.evaluate.generate import Generator
+from components.evaluate.metrics import primary_score
+from components.evaluate.prompts import PromptBuilder, generation_prompt, split_reference, visual_token_count
+from components.evaluate.report import comparison_table, write_table
+from components.evaluate.run import check_model_source, evaluate
+from components.evaluate.score import (
     TABLE_COLUMNS,
     TEXT_COLUMNS,
     EvalResult,
-    Generator,
-    PromptBuilder,
-    check_model_source,
-    comparison_table,
-    evaluate,
-    generation_prompt,
     reference_for,
     score_rows,
-    split_reference,
     task_family,
-    visual_token_count,
-    write_table,
 )
-from components.metrics import primary_score
-from components.model.mllm import VCEProjector, build_model, projector_module, save_stage_artifact
+from components.layout import split_uri
+from components.model.artifact import save_stage_artifact
+from components.model.llava import VCEProjector, projector_module
+from components.model.stages import build_model
 from components.model.tiny import save_tiny_checkpoint
 
 NUM_SAMPLES = 20
@@ -56,14 +54,14 @@ NUM_SAMPLES = 20
 class EvalSetup:
     """A tiny base, a prepared synthetic dataset and stage-1/stage-2 artifacts built from them."""
 
-    cfg: PipelineConfig
+    cfg: DuetConfig
     base: str
     test_split: str
     stage1: str
     stage2: str
 
 
-def eval_config(root: Path, *overrides: str) -> PipelineConfig:
+def eval_config(root: Path, *overrides: str) -> DuetConfig:
     return load_config(None, [
         f"run.work_dir={root / 'work'}", f"data.root={root / 'data'}", "data.num_records=40",
         "data.val_fraction=0", "data.test_fraction=0.6", "data.caption_records=1", "data.records_per_shard=8",
@@ -263,7 +261,7 @@ def test_comparison_table_and_per_sample_files(tmp_path: Path) -> None:
 
 
 def test_cli_picks_models_and_refuses_bad_input_before_starting_ray(eval_setup: EvalSetup, tmp_path: Path) -> None:
-    from components.train.stage import artifact_uri
+    from components.layout import artifact_uri
     from pipelines.evaluate import main, models_to_evaluate
 
     ray_was_up = ray.is_initialized()
@@ -336,7 +334,8 @@ def test_two_replicas_give_the_same_predictions_as_one(eval_setup: EvalSetup, on
 def test_the_blind_baseline_asks_the_same_samples_with_blank_images(
     eval_setup: EvalSetup, one_replica: EvalResult, builder: PromptBuilder
 ) -> None:
-    from components.evaluate import DIFFERENCES, image_digest
+    from components.evaluate.prompts import image_digest
+    from components.evaluate.report import DIFFERENCES
 
     blind = evaluate(eval_setup.cfg, eval_setup.stage2, eval_setup.test_split, eval_setup.base, blind=True)
     assert list(blind.per_sample["key"]) == list(one_replica.per_sample["key"]), "the same samples"
@@ -358,7 +357,7 @@ def test_the_blind_baseline_asks_the_same_samples_with_blank_images(
 def test_examples_show_three_held_out_samples_per_task_with_their_images(eval_setup: EvalSetup, tmp_path: Path) -> None:
     from PIL import Image
 
-    from components.examples import example_grid, example_rows, examples_text, read_images
+    from components.evaluate.examples import example_grid, example_rows, examples_text, read_images
 
     keys = [f"{i:09d}" for i in range(12)]
     tasks = ["items", "description", "numeric"] * 4

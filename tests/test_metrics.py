@@ -7,7 +7,7 @@ import math
 import pytest
 import sacrebleu
 
-from components.metrics import (
+from components.evaluate.metrics import (
     ChoiceItem,
     circular_rotations,
     extract_choice,

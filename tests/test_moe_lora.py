@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from components.model.adapters import load_adapter
-from components.model.dual_lora import NotMergeableError
-from components.model.moe_lora import (
+from components.model.adapters.apply import load_adapter
+from components.model.adapters.base import NotMergeableError
+from components.model.adapters.moe_lora import (
     MixtureLoraConfig,
     MixtureLoraLinear,
     MoeLoraSoftmaxConfig,

@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 from test_evaluate import EvalSetup, eval_setup  # noqa: F401  (session fixture shared with the evaluation tests)
 
-from components.config import PipelineConfig
+from components.config import DuetConfig
 from components.data.synthetic import SyntheticShapes
-from components.evaluate import Generator, PromptBuilder, visual_token_count
+from components.evaluate.generate import Generator
+from components.evaluate.prompts import PromptBuilder, visual_token_count
 from components.packaging import (
     BASE_REFERENCE,
     MODEL_REQUIREMENTS,
@@ -28,7 +29,7 @@ from components.packaging import (
     should_embed_base,
     stage_package,
 )
-from components.tracking import Tracker
+from components.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "List the shapes in the image."
@@ -36,7 +37,7 @@ PROMPT = "List the shapes in the image."
 
 @dataclass(frozen=True)
 class Logged:
-    cfg: PipelineConfig
+    cfg: DuetConfig
     model_uri: str
     tracking_uri: str
 

@@ -14,7 +14,7 @@ from conftest import S3Endpoint
 from PIL import Image
 
 from components import storage
-from components.config import StorageConfig
+from components.config import StorageSection
 from components.console import run_script
 from components.data.shards import read_manifest, shard_uris
 from pipelines.prepare_data import main as _main
@@ -37,7 +37,7 @@ def jpg() -> bytes:
     return buffer.getvalue()
 
 
-def read_split(split_uri: str, cfg: StorageConfig | None) -> dict[str, tuple[dict, dict[str, bytes]]]:
+def read_split(split_uri: str, cfg: StorageSection | None) -> dict[str, tuple[dict, dict[str, bytes]]]:
     """id -> (json, members) via plain tarfile, grouping members by key."""
     manifest = read_manifest(split_uri, cfg)
     out = {}
@@ -54,7 +54,7 @@ def read_split(split_uri: str, cfg: StorageConfig | None) -> dict[str, tuple[dic
     return out
 
 
-def read_all(root: str, name: str, cfg: StorageConfig | None) -> dict[str, dict]:
+def read_all(root: str, name: str, cfg: StorageSection | None) -> dict[str, dict]:
     splits = {}
     for split in ("caption", "train", "validation", "test"):
         uri = storage.join(root, name, split)

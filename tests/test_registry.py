@@ -12,9 +12,17 @@ import mlflow.pyfunc
 import pytest
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (session fixture)
 
-from components.config import RegistryConfig, TrackingConfig, load_config
-from components.registry import TAG_FORCED, TAG_GATE, TAG_SOURCE_RUN, Registry, RegistryError
-from components.tracking import TAG_CONFIG_HASH, TAG_DATASET_DIGEST, TAG_PARENT_STAGE_RUN, Tracker
+from components.config import RegistrySection, TrackingSection, load_config
+from components.registry import Registry, RegistryError
+from components.tracking.tags import (
+    TAG_CONFIG_HASH,
+    TAG_DATASET_DIGEST,
+    TAG_FORCED,
+    TAG_GATE,
+    TAG_PARENT_STAGE_RUN,
+    TAG_SOURCE_RUN,
+)
+from components.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +44,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(mlflow_server: MlflowServer) -> Setup:  # noqa: F811
     """One pipeline run whose stage-2 child has lineage, metrics and a logged pyfunc model."""
-    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server.uri, experiment=f"reg-{uuid.uuid4().hex[:8]}"), "x")
+    tracker = Tracker(TrackingSection(tracking_uri=mlflow_server.uri, experiment=f"reg-{uuid.uuid4().hex[:8]}"), "x")
     cfg = load_config()
     with tracker.parent_run("registry-test") as parent:
         with tracker.child_run("stage", "stage1", parent) as stage1:
@@ -50,7 +58,7 @@ def setup(mlflow_server: MlflowServer) -> Setup:  # noqa: F811
 
 
 def _registry(setup: Setup, **cfg: object) -> Registry:
-    return Registry(setup.tracker, RegistryConfig(model_name=f"m-{uuid.uuid4().hex[:8]}", **cfg))
+    return Registry(setup.tracker, RegistrySection(model_name=f"m-{uuid.uuid4().hex[:8]}", **cfg))
 
 
 def _version(reg: Registry, setup: Setup, **metrics: float) -> str:

@@ -10,7 +10,7 @@ import pytest
 from conftest import FAKE_AWS_ENV, S3Endpoint, free_port
 
 from components import storage
-from components.config import StorageConfig
+from components.config import StorageSection
 
 
 def test_resolve_s3_uses_endpoint_override_and_scheme(s3_endpoint: S3Endpoint) -> None:
@@ -35,13 +35,13 @@ def test_resolve_refuses_unsupported(uri: str) -> None:
 
 def test_bad_endpoint_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="storage.endpoint_url"):
-        storage.resolve("s3://b/x", StorageConfig(endpoint_url="ftp://127.0.0.1:1"))
+        storage.resolve("s3://b/x", StorageSection(endpoint_url="ftp://127.0.0.1:1"))
 
 
 def test_endpoint_env_variable_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert storage.endpoint_url(StorageConfig()) == "http://127.0.0.1:9"
-    assert storage.endpoint_url(StorageConfig(endpoint_url="http://127.0.0.1:10")) == "http://127.0.0.1:10"
+    assert storage.endpoint_url(StorageSection()) == "http://127.0.0.1:9"
+    assert storage.endpoint_url(StorageSection(endpoint_url="http://127.0.0.1:10")) == "http://127.0.0.1:10"
 
 
 def test_join_keeps_scheme() -> None:
@@ -53,7 +53,7 @@ def test_join_keeps_scheme() -> None:
 def test_round_trip_list_copy_download(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if where == "s3":
         endpoint: S3Endpoint = request.getfixturevalue("s3_endpoint")
-        cfg: StorageConfig | None = endpoint.storage_config()
+        cfg: StorageSection | None = endpoint.storage_config()
         root = request.getfixturevalue("s3_bucket") + "/run"
     else:
         cfg, root = None, str(tmp_path / "store")
@@ -103,7 +103,7 @@ def test_retry_backs_off_then_names_endpoint() -> None:
 
 
 def test_unreachable_endpoint_error_names_it_and_hides_credentials(s3_endpoint: S3Endpoint) -> None:
-    dead = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", retries=0, connect_timeout_s=1)
+    dead = StorageSection(endpoint_url=f"http://127.0.0.1:{free_port()}", retries=0, connect_timeout_s=1)
     with pytest.raises(storage.StorageError) as info:
         storage.read_bytes("s3://some-bucket/x", dead)
     message = str(info.value)
@@ -115,7 +115,7 @@ def test_unreachable_endpoint_error_names_it_and_hides_credentials(s3_endpoint: 
 
 
 def test_endpoint_userinfo_never_appears_in_messages() -> None:
-    cfg = StorageConfig(endpoint_url="http://user:hunter2@127.0.0.1:9")
+    cfg = StorageSection(endpoint_url="http://user:hunter2@127.0.0.1:9")
     assert "hunter2" not in storage.describe_endpoint("s3://b/x", cfg)
     assert storage.describe_endpoint("s3://b/x", cfg) == "http://127.0.0.1:9"
 
@@ -131,7 +131,7 @@ def test_ensure_bucket_is_idempotent(s3_endpoint: S3Endpoint) -> None:
 # ---------------------------------------------------------------- local copies of remote checkpoints
 
 
-def _remote_folder(bucket: str, cfg: StorageConfig, tmp_path: Path) -> tuple[str, dict[str, bytes]]:
+def _remote_folder(bucket: str, cfg: StorageSection, tmp_path: Path) -> tuple[str, dict[str, bytes]]:
     files = {"config.json": b'{"a": 1}', "model-00001-of-00002.safetensors": os.urandom(300_000),
              "model-00002-of-00002.safetensors": os.urandom(200_000), "sub/tokenizer.json": b"{}"}
     local = tmp_path / "src"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from components.config import TinyModelConfig
+from components.config import TinyModelSection
 from components.model.tiny import (
     IMAGE_TOKEN,
     build_tokenizer,
@@ -22,7 +22,7 @@ TEXTS = ["a large red circle in the top left and a small blue square at the bott
 
 
 def test_checkpoint_loads_through_from_pretrained(tmp_path: Path) -> None:
-    tiny = TinyModelConfig(warmup_steps=3)
+    tiny = TinyModelSection(warmup_steps=3)
     path = save_tiny_checkpoint(tiny, tmp_path / "tiny", TEXTS, seed=0)
     model = LlavaForConditionalGeneration.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
@@ -43,6 +43,6 @@ def test_tokenizer_is_deterministic_and_keeps_the_image_token_whole() -> None:
 
 def test_warm_up_lowers_the_language_model_loss() -> None:
     tokenizer = build_tokenizer(512, TEXTS)
-    model = LlavaForConditionalGeneration(tiny_llava_config(TinyModelConfig(), tokenizer))
+    model = LlavaForConditionalGeneration(tiny_llava_config(TinyModelSection(), tokenizer))
     losses = warm_up_language_model(model, tokenizer, TEXTS, steps=30, seed=0, batch_size=4)
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 1.0

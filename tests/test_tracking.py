@@ -13,29 +13,23 @@ import mlflow.pyfunc
 import pytest
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (session fixture)
 
-from components.config import PipelineConfig, TrackingConfig, load_config
-from components.tracking import (
-    REDACTED,
+from components.config import DuetConfig, TrackingSection, load_config
+from components.tracking.redact import REDACTED, flatten, is_secret_name, redact
+from components.tracking.tags import (
     TAG_CONFIG_HASH,
     TAG_DATASET_DIGEST,
     TAG_KIND,
     TAG_PARENT_STAGE_RUN,
     TAG_STAGE1_ARTIFACT,
     TAG_STEP,
-    Tracker,
-    TrackingError,
-    TrackingUnreachable,
-    flatten,
-    is_secret_name,
-    redact,
-    resolve_tracking_uri,
 )
+from components.tracking.tracker import Tracker, TrackingError, TrackingUnreachable, resolve_tracking_uri
 
 HISTORY = [{"step": s, "loss": 2.0 / (s + 1), "val_loss": 2.5 / (s + 1), "lr": 1e-3 * (s + 1) / 4} for s in range(4)]
 
 
 def _tracker(server: MlflowServer) -> Tracker:
-    return Tracker(TrackingConfig(tracking_uri=server.uri, experiment=f"test-{uuid.uuid4().hex[:8]}"), "unused")
+    return Tracker(TrackingSection(tracking_uri=server.uri, experiment=f"test-{uuid.uuid4().hex[:8]}"), "unused")
 
 
 # ---------------------------------------------------------------- pure parts
@@ -43,10 +37,10 @@ def _tracker(server: MlflowServer) -> Tracker:
 
 def test_uri_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(TrackingConfig(), str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(TrackingSection(), str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
-    assert resolve_tracking_uri(TrackingConfig(), str(tmp_path)) == "http://env-host:5000"
-    cfg = TrackingConfig(tracking_uri="http://cfg-host:5000")
+    assert resolve_tracking_uri(TrackingSection(), str(tmp_path)) == "http://env-host:5000"
+    cfg = TrackingSection(tracking_uri="http://cfg-host:5000")
     assert resolve_tracking_uri(cfg, str(tmp_path)) == "http://cfg-host:5000"
 
 
@@ -78,7 +72,7 @@ def test_flatten_dotted_keys() -> None:
 
 def test_embedded_default_keeps_everything_under_work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracker = Tracker(TrackingConfig(experiment="embedded"), str(tmp_path / "work"))
+    tracker = Tracker(TrackingSection(experiment="embedded"), str(tmp_path / "work"))
     tracker.check_reachable()
     with tracker.parent_run("demo") as run_id:
         tracker.log_text(run_id, "hello", "notes/hello.txt")
@@ -204,7 +198,7 @@ def test_secrets_appear_nowhere(
     planted = [key_id, secret, token, password]
 
     tracker = _tracker(mlflow_server)
-    cfg: PipelineConfig = load_config(None, [
+    cfg: DuetConfig = load_config(None, [
         f"storage.endpoint_url=http://minio:{password}@127.0.0.1:9000",
         f"data.input=s3://bucket/{key_id}/llava.json",
         f"data.image_root=s3://bucket/{secret}/images",
@@ -248,7 +242,7 @@ def test_unreachable_server_fails_fast_with_a_fix(monkeypatch: pytest.MonkeyPatc
     from mlflow_server import _free_port
 
     uri = f"http://alice:hunter2secret@127.0.0.1:{_free_port()}"
-    tracker = Tracker(TrackingConfig(tracking_uri=uri), "unused")
+    tracker = Tracker(TrackingSection(tracking_uri=uri), "unused")
     start = time.monotonic()
     with pytest.raises(TrackingUnreachable) as err:
         tracker.check_reachable(timeout_s=2)

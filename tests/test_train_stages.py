@@ -18,10 +18,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from components.config import PipelineConfig, load_config
-from components.model.mllm import build_meta_model, component_sizes, load_stage_model
+from components.config import DuetConfig, load_config
+from components.model.artifact import load_stage_model
+from components.model.sizes import build_meta_model, component_sizes
 from components.train.stage import StageData, StageResult, run_stage
-from components.workflow import ensure_base_model, ensure_dataset, stage_data
+from components.workflow.startup import ensure_base_model, ensure_dataset, stage_data
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-def _config(work: Path, *overrides: str) -> PipelineConfig:
+def _config(work: Path, *overrides: str) -> DuetConfig:
     return load_config(REPO / "pipelines/configs/demo.yaml", [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
         "data.num_records=240", "data.caption_records=200", "data.records_per_shard=60",
@@ -70,7 +71,7 @@ def _falls(losses: list[float]) -> bool:
     return sum(losses[-2:]) / 2 < losses[0]
 
 
-def _trainable_count(cfg: PipelineConfig, stage: int) -> int:
+def _trainable_count(cfg: DuetConfig, stage: int) -> int:
     sizes = component_sizes(build_meta_model(cfg, stage=stage))
     return sum(row["params"] for name, row in sizes.items() if name in ("vce", "projector", "adapter")
                and (stage == 2 or name != "adapter"))

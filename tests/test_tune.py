@@ -17,21 +17,13 @@ import ray
 from ray.tune.search.sample import Categorical, Float, LogUniform
 
 from components import storage
-from components.config import ConfigError, PipelineConfig, SearchSpace, load_config
-from components.tracking import TAG_KIND, TAG_STEP, Tracker
+from components.config import ConfigError, DuetConfig, SearchSpace, load_config
+from components.tracking.tags import TAG_EARLY_STOPPED, TAG_KIND, TAG_STEP, TAG_TRIAL_ID
+from components.tracking.tracker import Tracker
 from components.train.stage import StageData
-from components.tune import (
-    TAG_EARLY_STOPPED,
-    TAG_TRIAL_ID,
-    TrialRow,
-    apply_best,
-    check_sweepable,
-    concurrent_trials,
-    format_trials,
-    search_algorithm,
-    search_space,
-    trial_resources,
-)
+from components.tune.ledger import TrialRow
+from components.tune.space import apply_best, check_sweepable, search_space
+from components.tune.sweep import concurrent_trials, format_trials, search_algorithm, trial_resources
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pipelines/configs/demo.yaml"
@@ -100,7 +92,7 @@ def test_searchers_are_seeded_and_sample_inside_the_space(search: str) -> None:
         apply_best(cfg, point)
 
 
-def _random_points(generator, cfg: PipelineConfig) -> list[dict]:
+def _random_points(generator, cfg: DuetConfig) -> list[dict]:
     from ray import tune
 
     tune.register_trainable("duet_points", lambda config: None)
@@ -236,7 +228,7 @@ def cluster():
 
 @pytest.mark.slow
 def test_sweep_stops_weak_trials_tracks_every_trial_and_writes_the_best_config(tmp_path: Path, cluster) -> None:
-    from components.workflow import run_sweep
+    from components.workflow.sweep import run_sweep
 
     output = tmp_path / "best.yaml"
     cfg = load_config(DEMO, _overrides(tmp_path))
@@ -293,7 +285,7 @@ def test_sweep_stops_weak_trials_tracks_every_trial_and_writes_the_best_config(t
 
 
 def test_default_output_is_under_the_work_dir() -> None:
-    from components.tune import default_output
+    from components.layout import best_config_path
 
-    cfg = PipelineConfig.model_validate({"run": {"name": "x", "work_dir": "w"}})
-    assert default_output(cfg) == os.path.join("w", "sweeps", "x-best.yaml")
+    cfg = DuetConfig.model_validate({"run": {"name": "x", "work_dir": "w"}})
+    assert best_config_path(cfg) == os.path.join("w", "sweeps", "x-best.yaml")

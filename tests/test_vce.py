@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from components.config import VCEConfig
+from components.config import VCESection
 from components.model.vce import VisualCueEnhancer, select_vision_features
 
 DIM, HEADS, POINTS = 16, 2, 3
@@ -185,7 +185,7 @@ def test_init_is_deformable_detr_and_matches_loop() -> None:
 
 
 def test_paper_size_at_clip_vit_l() -> None:
-    cfg = VCEConfig()
+    cfg = VCESection()
     assert cfg.include_anchor_level and (cfg.heads, cfg.points) == (16, 4)
     module = VisualCueEnhancer.from_config(cfg, 1024)
     assert module.num_levels == 4
@@ -194,7 +194,7 @@ def test_paper_size_at_clip_vit_l() -> None:
     assert abs(params - 2.89e6) / 2.89e6 < 0.01, params
     assert abs(fp16_mib - 5.52) / 5.52 < 0.01, fp16_mib
     # Without the anchor's own level the module is smaller than the paper's figure.
-    smaller = VisualCueEnhancer.from_config(VCEConfig(include_anchor_level=False), 1024)
+    smaller = VisualCueEnhancer.from_config(VCESection(include_anchor_level=False), 1024)
     assert sum(p.numel() for p in smaller.parameters()) < params - 50_000
 
 
@@ -265,7 +265,7 @@ def test_constructor_errors() -> None:
     with pytest.raises(ValueError, match=r"vce.heads \(16\) must divide the vision feature size dim \(1000\)"):
         VisualCueEnhancer(1000, 4, heads=16)
     with pytest.raises(ValueError, match=r"vce.heads \(7\) must divide .* dim \(64\)"):
-        VisualCueEnhancer.from_config(VCEConfig(heads=7), 64)
+        VisualCueEnhancer.from_config(VCESection(heads=7), 64)
     with pytest.raises(ValueError, match="vce.points must be a positive integer"):
         VisualCueEnhancer(64, 2, heads=4, points=0)
 
@@ -283,7 +283,7 @@ def _tiny_clip_states() -> tuple[torch.Tensor, ...]:
 def test_select_vision_features_picks_layers_from_clip() -> None:
     states = _tiny_clip_states()
     assert len(states) == 7 and states[0].shape == (2, 17, 32)
-    cfg = VCEConfig(anchor_layer=-2, reference_layers=[-3, -5], include_anchor_level=True)
+    cfg = VCESection(anchor_layer=-2, reference_layers=[-3, -5], include_anchor_level=True)
     anchor, references, grid = select_vision_features(states, cfg)
     assert grid == (4, 4)
     assert torch.equal(anchor, states[5][:, 1:])
@@ -302,7 +302,7 @@ def test_select_vision_features_picks_layers_from_clip() -> None:
 
 def test_select_vision_features_grid_and_layer_errors() -> None:
     states = tuple(torch.randn(1, 1 + 21, 8) for _ in range(4))
-    cfg = VCEConfig(anchor_layer=-1, reference_layers=[-2], include_anchor_level=False)
+    cfg = VCESection(anchor_layer=-1, reference_layers=[-2], include_anchor_level=False)
     with pytest.raises(ValueError, match=r"21 patches do not form a square grid; pass grid=\(H, W\)"):
         select_vision_features(states, cfg)
     assert select_vision_features(states, cfg, grid=(3, 7))[2] == (3, 7)

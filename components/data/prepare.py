@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from components import storage
-from components.config import DataConfig, StorageConfig
+from components.config import DataSection, StorageSection
 from components.data import sources
 from components.data.shards import (
     SCHEMA_VERSION,
@@ -37,9 +36,9 @@ from components.data.shards import (
     write_shards,
 )
 from components.data.synthetic import SyntheticShapes
+from components.layout import split_uri
 
 SYNTHETIC_VERSION = 1
-SPLITS = ("caption", "train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -65,17 +64,6 @@ class SplitResult:
     reused: bool
 
 
-def dataset_uri(data: DataConfig) -> str:
-    return storage.join(data.root, data.name)
-
-
-def split_uri(data: DataConfig, split: str) -> str:
-    """Where a split of the configured dataset lives."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    return storage.join(dataset_uri(data), split)
-
-
 def _split_sizes(total: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
     def part(fraction: float) -> int:
         return max(1, round(total * fraction)) if fraction > 0 else 0
@@ -87,7 +75,7 @@ def _split_sizes(total: int, val_fraction: float, test_fraction: float) -> dict[
     return {"train": train, "validation": val, "test": test}
 
 
-def synthetic_plans(data: DataConfig) -> list[SplitPlan]:
+def synthetic_plans(data: DataSection) -> list[SplitPlan]:
     common = {"kind": "synthetic", "generator": "shapes", "version": SYNTHETIC_VERSION, "seed": data.seed,
               "image_size": data.image_size, "records_per_shard": data.records_per_shard}
     caption = SyntheticShapes(data.seed, data.image_size, "caption")
@@ -106,14 +94,14 @@ def synthetic_plans(data: DataConfig) -> list[SplitPlan]:
     return plans
 
 
-def _numbered_for_split(entries: list[dict], uri: str, data: DataConfig, split: str) -> Iterator[tuple[int, dict]]:
+def _numbered_for_split(entries: list[dict], uri: str, data: DataSection, split: str) -> Iterator[tuple[int, dict]]:
     for n, entry in enumerate(entries):
         rid = sources.entry_id(entry, n, uri)
         if sources.assign_split(rid, data.seed, data.val_fraction, data.test_fraction) == split:
             yield n, entry
 
 
-def file_plans(data: DataConfig, storage_cfg: StorageConfig | None) -> list[SplitPlan]:
+def file_plans(data: DataSection, storage_cfg: StorageSection | None) -> list[SplitPlan]:
     """Plans for llava / unifood inputs (entries are read once and shared by the splits)."""
     assert data.input is not None
     image_root = data.image_root or sources.default_image_root(data.input)
@@ -147,12 +135,12 @@ def file_plans(data: DataConfig, storage_cfg: StorageConfig | None) -> list[Spli
     return plans
 
 
-def plan_splits(data: DataConfig, storage_cfg: StorageConfig | None = None) -> list[SplitPlan]:
+def plan_splits(data: DataSection, storage_cfg: StorageSection | None = None) -> list[SplitPlan]:
     """The splits the config asks for, in writing order."""
     return synthetic_plans(data) if data.source == "synthetic" else file_plans(data, storage_cfg)
 
 
-def existing_manifest(plan: SplitPlan, storage_cfg: StorageConfig | None) -> Manifest | None:
+def existing_manifest(plan: SplitPlan, storage_cfg: StorageSection | None) -> Manifest | None:
     """The split's manifest when it was written from the same inputs and is complete, else None."""
     try:
         manifest = read_manifest(plan.uri, storage_cfg)
@@ -164,7 +152,7 @@ def existing_manifest(plan: SplitPlan, storage_cfg: StorageConfig | None) -> Man
 
 
 def prepare(
-    data: DataConfig, storage_cfg: StorageConfig | None = None, progress: Callable[[str], None] | None = None
+    data: DataSection, storage_cfg: StorageSection | None = None, progress: Callable[[str], None] | None = None
 ) -> list[SplitResult]:
     """Write (or re-use) every planned split; returns one result per split that holds records."""
     results = []

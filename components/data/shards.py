@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from components import storage
-from components.config import StorageConfig
+from components.config import StorageSection
 from components.errors import DuetError
 
 SCHEMA_VERSION = 1
@@ -135,7 +135,7 @@ def split_dir(split_uri: str) -> str:
     return uri[: -len(MANIFEST_NAME) - 1] if uri.endswith("/" + MANIFEST_NAME) else uri
 
 
-def read_manifest(split_uri: str, cfg: StorageConfig | None = None) -> Manifest:
+def read_manifest(split_uri: str, cfg: StorageSection | None = None) -> Manifest:
     """Load and check a split's manifest; a missing one says how to create it."""
     uri = manifest_uri(split_uri)
     try:
@@ -160,7 +160,7 @@ def shard_uris(split_uri: str, manifest: Manifest) -> list[str]:
     return [storage.join(base, s.name) for s in manifest.shards]
 
 
-def shards_present(split_uri: str, manifest: Manifest, cfg: StorageConfig | None = None) -> bool:
+def shards_present(split_uri: str, manifest: Manifest, cfg: StorageSection | None = None) -> bool:
     """True when every shard the manifest lists exists with the listed size (cheap: no hashing)."""
     return all(
         storage.file_size(uri, cfg) == shard.size for uri, shard in zip(shard_uris(split_uri, manifest), manifest.shards)
@@ -294,7 +294,7 @@ def write_shards(
     source: dict[str, Any],
     inputs_digest: str,
     records_per_shard: int = 1000,
-    cfg: StorageConfig | None = None,
+    cfg: StorageSection | None = None,
 ) -> Manifest:
     """Write records as shards under `output_uri` (a split directory), then the manifest; return it.
 
@@ -337,7 +337,7 @@ def write_shards(
     return manifest
 
 
-def _publish(writer: TarShardWriter, output_uri: str, cfg: StorageConfig | None) -> ShardInfo:
+def _publish(writer: TarShardWriter, output_uri: str, cfg: StorageSection | None) -> ShardInfo:
     """Close a local shard, hash it, upload it atomically next to its siblings, and describe it."""
     writer.close()
     name = os.path.basename(writer.path)
@@ -347,7 +347,7 @@ def _publish(writer: TarShardWriter, output_uri: str, cfg: StorageConfig | None)
     return info
 
 
-def _remove_stale_shards(output_uri: str, manifest: Manifest, cfg: StorageConfig | None) -> None:
+def _remove_stale_shards(output_uri: str, manifest: Manifest, cfg: StorageSection | None) -> None:
     """Delete shard files of an earlier, larger version that the new manifest no longer lists."""
     keep = {s.name for s in manifest.shards}
     for uri in storage.list_files(output_uri, suffix=".tar", cfg=cfg):

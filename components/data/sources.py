@@ -40,7 +40,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from components import storage
-from components.config import StorageConfig
+from components.config import StorageSection
 from components.data.shards import RecordError
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ UNIFOOD_QUESTIONS = {
 }
 
 
-def load_entries(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
+def load_entries(uri: str, cfg: StorageSection | None = None) -> list[dict]:
     """The entries of a JSON list or JSON Lines file, each checked to be an object."""
     try:
         data = storage.read_bytes(uri, cfg)
@@ -79,7 +79,7 @@ def load_entries(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
     return entries
 
 
-def file_digest(uri: str, cfg: StorageConfig | None = None) -> str:
+def file_digest(uri: str, cfg: StorageSection | None = None) -> str:
     """sha256 of a file's bytes (inputs fingerprint for re-use checks)."""
     return hashlib.sha256(storage.read_bytes(uri, cfg)).hexdigest()
 
@@ -137,7 +137,7 @@ def safe_image_uri(root: str, rel: object, where: str) -> str:
     return resolved
 
 
-def load_images(paths: list[object], root: str, where: str, cfg: StorageConfig | None) -> list[tuple[str, bytes]]:
+def load_images(paths: list[object], root: str, where: str, cfg: StorageSection | None) -> list[tuple[str, bytes]]:
     """(extension, bytes) of each image path, read through storage; a missing file names record and path."""
     images = []
     for rel in paths:
@@ -193,7 +193,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: 
 
 
 def llava_record(
-    numbered: tuple[int, dict], uri: str, image_root: str, cfg: StorageConfig | None = None, task: str | None = None
+    numbered: tuple[int, dict], uri: str, image_root: str, cfg: StorageSection | None = None, task: str | None = None
 ) -> dict:
     """The shard record of one numbered LLaVA entry, images read; `task` overrides the entry's own."""
     n, entry = numbered
@@ -215,7 +215,7 @@ def llava_record(
 
 
 def llava_records(
-    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None,
+    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageSection | None = None,
     task: str | None = None, threads: int = 1,
 ) -> Iterator[dict]:
     """Shard records of numbered LLaVA entries, in order (images read on `threads` threads)."""
@@ -255,7 +255,7 @@ def format_nutrition(values: dict[str, float]) -> str:
 
 
 def unifood_family_records(
-    numbered: tuple[int, dict], uri: str, image_root: str, cfg: StorageConfig | None = None
+    numbered: tuple[int, dict], uri: str, image_root: str, cfg: StorageSection | None = None
 ) -> list[dict]:
     """Up to three instruction records (items, description, numeric) of one numbered UniFood entry."""
     n, entry = numbered
@@ -300,7 +300,7 @@ def unifood_family_records(
 
 
 def unifood_records(
-    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageConfig | None = None,
+    entries: Iterable[tuple[int, dict]], uri: str, image_root: str, cfg: StorageSection | None = None,
     threads: int = 1,
 ) -> Iterator[dict]:
     """The family records of numbered UniFood entries, in order (images read on `threads` threads)."""

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from components.config import TinyModelConfig
+from components.config import TinyModelSection
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def build_tokenizer(vocab_size: int, corpus: Iterable[str] = ()) -> PreTrainedTo
     )
 
 
-def tiny_llava_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def tiny_llava_config(tiny: TinyModelSection, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     """LLaVA-1.5's architecture at toy sizes: CLIP ViT + 2-layer MLP projector + Llama."""
     if tiny.image_size % tiny.patch_size:
         raise ValueError(
@@ -120,7 +120,7 @@ def tiny_llava_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast)
     )
 
 
-def build_processor(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(tiny: TinyModelSection, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     """LLaVA processor (CLIP image processor + tokenizer) at the tiny image size."""
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": tiny.image_size},
@@ -138,7 +138,7 @@ def build_processor(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -
     )
 
 
-def build_tiny_processor(tiny: TinyModelConfig, path: str | Path, corpus: Iterable[str] = ()) -> str:
+def build_tiny_processor(tiny: TinyModelSection, path: str | Path, corpus: Iterable[str] = ()) -> str:
     """Save the tiny model's processor (tokenizer + image processor) to `path`; returns the path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def warm_up_language_model(
 
 
 def save_tiny_checkpoint(
-    tiny: TinyModelConfig, path: str | Path, texts: Sequence[str] = (), seed: int = 0
+    tiny: TinyModelSection, path: str | Path, texts: Sequence[str] = (), seed: int = 0
 ) -> str:
     """Build, warm up (tiny.warmup_steps on `texts`) and save a tiny LLaVA checkpoint with its processor."""
     path = Path(path)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.config import VCEConfig
+from components.config import VCESection
 
 Shape = tuple[int, int]
 
@@ -72,7 +72,7 @@ class VisualCueEnhancer(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, cfg: VCEConfig, dim: int) -> VisualCueEnhancer:
+    def from_config(cls, cfg: VCESection, dim: int) -> VisualCueEnhancer:
         """One level per reference layer, plus the anchor's own map when `include_anchor_level`."""
         num_levels = len(cfg.reference_layers) + (1 if cfg.include_anchor_level else 0)
         return cls(dim, num_levels, heads=cfg.heads, points=cfg.points, final_norm=cfg.final_norm)
@@ -246,7 +246,7 @@ def patch_grid(num_patches: int, grid: Shape | None = None) -> Shape:
 
 
 def select_vision_features(
-    hidden_states: Sequence[Tensor], cfg: VCEConfig, grid: Shape | None = None
+    hidden_states: Sequence[Tensor], cfg: VCESection, grid: Shape | None = None
 ) -> tuple[Tensor, list[Tensor], Shape]:
     """Anchor, reference maps and patch grid from a CLIP tower's `hidden_states` (CLS token first).
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from components.config import DeepSpeedConfig, StageConfig
+from components.config import DeepSpeedSection, StageSection
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class BatchPlan:
     accumulation: int
 
 
-def plan_batch(stage: StageConfig, world_size: int) -> BatchPlan:
+def plan_batch(stage: StageSection, world_size: int) -> BatchPlan:
     """Derive gradient accumulation; shrink the micro-batch if it does not divide the per-worker share."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -41,7 +41,7 @@ def plan_batch(stage: StageConfig, world_size: int) -> BatchPlan:
     return BatchPlan(stage.global_batch, micro, world_size, per_worker // micro)
 
 
-def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
+def resolve_precision(cfg: DeepSpeedSection, use_gpu: bool) -> str:
     """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     if cfg.precision != "auto":
         if cfg.precision in ("bf16", "fp16") and not use_gpu:
@@ -54,7 +54,7 @@ def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
-def build_deepspeed_config(cfg: DeepSpeedConfig, plan: BatchPlan, precision: str) -> dict[str, Any]:
+def build_deepspeed_config(cfg: DeepSpeedSection, plan: BatchPlan, precision: str) -> dict[str, Any]:
     """A DeepSpeed config dict for `deepspeed.initialize` (optimizer and scheduler are passed as objects)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:

@@ -2,7 +2,7 @@
 
 Data order is what makes runs reproducible across worker counts: each worker
 reads the global record stream in manifest order and keeps the records whose
-index is its rank modulo the world size (see `components.data.pipeline`). One
+index is its rank modulo the world size (see `components.data.dataset`). One
 optimizer step then always covers global records [s*G, (s+1)*G), and the loss
 is the mean over samples of each sample's token-mean cross-entropy, so the
 step's loss and gradient do not depend on how the batch was split.
@@ -35,12 +35,13 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
-from components.config import StageConfig, config_from_dict
-from components.data.pipeline import make_collate
+from components.config import StageSection, config_from_dict
+from components.data.dataset import make_collate
 from components.errors import DuetError
-from components.model.mllm import build_model, parameter_groups, save_stage_artifact, trainable_state_dict
+from components.model.artifact import save_stage_artifact, trainable_state_dict
+from components.model.stages import build_model, parameter_groups
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
-from components.train.settings import VAL_MEASURED, LoopSettings, stage_config, total_steps
+from components.train.settings import VAL_MEASURED, LoopSettings, total_steps
 
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_TAG = "state"
@@ -64,7 +65,7 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_rati
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimizer(model: torch.nn.Module, stage_cfg: StageConfig, offload: bool) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, stage_cfg: StageSection, offload: bool) -> torch.optim.Optimizer:
     """AdamW over the stage's two learning-rate groups (adapter; projector + VCE).
 
     Under ZeRO-Offload DeepSpeed steps the optimizer on the CPU and accepts only its own CPU Adam
@@ -173,7 +174,7 @@ def _restore(engine: Any) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as path:
-        return load_checkpoint_dir(engine, path)  # the driver says so, from the first step it hears of
+        return load_checkpoint_dir(engine, path)
 
 
 def _batches(dataset_name: str, plan: BatchPlan, collate: Any):
@@ -212,7 +213,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     """Build, (resume,) train and checkpoint one stage on this worker."""
     settings = LoopSettings(**raw)
     cfg = config_from_dict(settings.config)
-    stage_cfg = stage_config(cfg, settings.stage)
+    stage_cfg = cfg.stage(settings.stage)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     plan = plan_batch(stage_cfg, world)
@@ -230,6 +231,8 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
         config=build_deepspeed_config(cfg.deepspeed, plan, precision),
     )
     step = _restore(engine)
+    if step and rank == 0 and settings.metrics_sink is not None:  # the driver says so, also with no step left
+        settings.metrics_sink.resumed.remote(step)
     collate = make_collate(settings.processor_dir, cfg.storage)
     val_name = f"{settings.val_dataset}_{rank}" if settings.val_dataset else None
     eval_every = stage_cfg.eval_every or stage_cfg.checkpoint_every

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from components.config import ConfigError, PipelineConfig, StageConfig
+from components.config import ConfigError, StageSection
 
 # Set in a step's metrics when val_loss was measured at that step (it is carried forward in between).
 VAL_MEASURED = "val_measured"
@@ -37,11 +37,7 @@ class LoopSettings:
         return asdict(self)
 
 
-def stage_config(cfg: PipelineConfig, stage: int) -> StageConfig:
-    return cfg.stage1 if stage == 1 else cfg.stage2
-
-
-def total_steps(stage_cfg: StageConfig, num_samples: int) -> int:
+def total_steps(stage_cfg: StageSection, num_samples: int) -> int:
     """Optimizer steps: `max_steps`, else epochs over the data (incomplete last global batch dropped)."""
     if stage_cfg.max_steps:
         return stage_cfg.max_steps

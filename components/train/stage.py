@@ -8,10 +8,7 @@ need access to the tracking server).
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,17 +17,18 @@ import ray
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.execution import context as ray_train_context
-from transformers.utils import logging as hf_logging
 
 from components import storage
-from components.cluster import quiet_ray_data, use_gpu_for_training
-from components.config import PipelineConfig
-from components.data.pipeline import build_dataset
-from components.model.mllm import check_compatible
-from components.train.settings import LoopSettings, stage_config, total_steps
+from components.console import say
+from components.cluster import use_gpu_for_training
+from components.config import DuetConfig
+from components.data.dataset import build_dataset
+from components.layout import artifact_uri, storage_root, trainer_run_name
+from components.model.artifact import check_compatible
+from components.quiet import quiet_training_worker
+from components.train.settings import LoopSettings, total_steps
 
-log = logging.getLogger("duet.stage")
+log = logging.getLogger(__name__)
 
 # The dataset split each stage trains on: captions align VCE + projector, instructions fine-tune.
 STAGE_SPLITS = {1: "caption", 2: "train"}
@@ -63,30 +61,21 @@ class MetricsSink:
 
     def __init__(self) -> None:
         self._rows: list[dict[str, Any]] = []
+        self._resumed: list[int] = []
 
     def push(self, stage: int, metrics: dict[str, Any]) -> None:
         self._rows.append({"stage": stage, **metrics})
 
-    def drain(self) -> list[dict[str, Any]]:
-        rows, self._rows = self._rows, []
-        return rows
+    def resumed(self, step: int) -> None:
+        """A worker group restored a checkpoint taken at `step` (it may have no step left to train)."""
+        self._resumed.append(step)
+
+    def drain(self) -> tuple[list[dict[str, Any]], list[int]]:
+        rows, resumed, self._rows, self._resumed = self._rows, self._resumed, [], []
+        return rows, resumed
 
 
-def storage_root(cfg: PipelineConfig) -> str:
-    """Where Ray Train keeps checkpoints and stages keep artifacts: scaling.storage_path or the work dir."""
-    return cfg.scaling.storage_path or os.path.join(os.path.abspath(cfg.run.work_dir), "runs")
-
-
-def artifact_uri(cfg: PipelineConfig, stage: int) -> str:
-    return storage.join(storage_root(cfg), cfg.run.name, stage_config(cfg, stage).name, "artifact")
-
-
-def trainer_run_name(cfg: PipelineConfig, stage: int) -> str:
-    """Stable per run and stage: re-running the same name resumes from its latest checkpoint."""
-    return f"{cfg.run.name}-{stage_config(cfg, stage).name}"
-
-
-def worker_datasets(cfg: PipelineConfig, data: StageData, world: int) -> dict[str, ray.data.Dataset]:
+def worker_datasets(cfg: DuetConfig, data: StageData, world: int) -> dict[str, ray.data.Dataset]:
     """One deterministic stream per worker: rank r keeps global records r, r+W, r+2W, ..."""
     datasets = {}
     for rank in range(world):
@@ -100,33 +89,10 @@ def worker_datasets(cfg: PipelineConfig, data: StageData, world: int) -> dict[st
     return datasets
 
 
-# DeepSpeed prints this each time it loads a compiled op (its CPU collectives on every rank, every stage);
-# Ray Train turns a worker's prints into records of the root logger.
-_BUILD_NOTICE = re.compile(r"^DeepSpeed \S+ built successfully$")
-
-
-def _drop_build_notices(record: logging.LogRecord) -> bool:
-    return not _BUILD_NOTICE.match(record.getMessage())
-
-
 def _train_worker(raw: dict[str, Any]) -> None:
-    """Ray Train's entry point on each worker: quiet libraries first, then the training loop.
-
-    DeepSpeed is told its accelerator before it is imported (it would otherwise probe for one and
-    warn on every CPU worker); the Ray Data streams this worker iterates log their progress at
-    INFO level, every few seconds (duet's driver prints the training progress instead); model
-    loading draws no progress bar into the job log; DeepSpeed's "op built" notices are dropped (its
-    warnings are not); DeepSpeed's ZeRO-2 calls a torch collective
-    under its deprecated name, which warns on every rank and is nothing the user can act on.
-    """
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if raw["use_gpu"] else "cpu")
-    quiet_ray_data()
-    # Ray Train 2.60 logs every report at INFO through a logger named by its file path, outside the
-    # "ray.train" tree that RunConfig's LoggingConfig quiets; the report lines carry every metric.
-    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
-    hf_logging.disable_progress_bar()
-    logging.getLogger().addFilter(_drop_build_notices)
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    """Ray Train's entry point on each worker: quiet libraries first (DeepSpeed is told its accelerator
+    before it is imported), then the training loop."""
+    quiet_training_worker(raw["use_gpu"])
     # DeepSpeed: imported only in the workers, after the settings above.
     from components.train.loop import train_loop_per_worker
 
@@ -134,7 +100,7 @@ def _train_worker(raw: dict[str, Any]) -> None:
 
 
 def run_stage(
-    cfg: PipelineConfig,
+    cfg: DuetConfig,
     stage: int,
     data: StageData,
     stage1_artifact: str | None = None,
@@ -156,7 +122,7 @@ def run_stage(
         if stage1_artifact is None:
             raise ValueError("stage 2 needs the stage-1 artifact URI (run stage 1 first, or pass --stage1-artifact)")
         check_compatible(cfg, stage1_artifact, stage=1)
-    total_steps(stage_config(cfg, stage), data.num_train_samples)
+    total_steps(cfg.stage(stage), data.num_train_samples)
     use_gpu = use_gpu_for_training(cfg)
     world = cfg.scaling.num_workers
     name = run_name or trainer_run_name(cfg, stage)
@@ -193,7 +159,9 @@ def run_stage(
     stop = threading.Event()
 
     def drain() -> None:
-        rows = ray.get(sink.drain.remote())
+        rows, resumed = ray.get(sink.drain.remote())
+        for resumed_step in resumed:
+            say(f"stage{stage}: resumed from checkpoint at step {resumed_step}")
         for row in rows:
             if history and row["step"] <= history[-1]["step"]:
                 # A replaced worker group resumed from the last checkpoint: later steps were rolled back.

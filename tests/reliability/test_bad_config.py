@@ -15,10 +15,10 @@ from adversarial import json_like, nasty_text, nested_list
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.config import ConfigError, PipelineConfig, config_from_dict, dump_config, load_config
-from components.tracking import flatten
+from components.config import ConfigError, DuetConfig, config_from_dict, dump_config, load_config
+from components.tracking.redact import flatten
 
-DEFAULTS = PipelineConfig().model_dump(mode="json")
+DEFAULTS = DuetConfig().model_dump(mode="json")
 LEAVES = flatten(DEFAULTS)  # dotted key -> default (JSON text for non-strings)
 SECTIONS = sorted(DEFAULTS)
 MAX_MESSAGE = 16_000
@@ -40,10 +40,10 @@ def _as_set_value(value: Any, ascii_only: bool) -> str:
     return json.dumps(value, ensure_ascii=ascii_only)
 
 
-def _load(overrides: list[str] | None = None, path: Path | None = None) -> PipelineConfig | ConfigError:
+def _load(overrides: list[str] | None = None, path: Path | None = None) -> DuetConfig | ConfigError:
     started = time.monotonic()
     try:
-        result: PipelineConfig | ConfigError = load_config(path, overrides or [])
+        result: DuetConfig | ConfigError = load_config(path, overrides or [])
     except ConfigError as err:
         result = err
     # Generous for a loaded machine; an exponential echo or a runaway recursion takes minutes.
@@ -107,7 +107,7 @@ def test_every_key_accepts_its_own_default_through_set(key: str) -> None:
     for part in rest.split("."):
         default = default[part]
     result = _load([f"{key}={json.dumps(default)}"])
-    assert result == PipelineConfig(), result
+    assert result == DuetConfig(), result
 
 
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from components.data.conversation import ConversationError, Encoder
-from components.data.pipeline import load_tokenizer
+from components.data.dataset import load_tokenizer
 from components.data.records import REASONS, BadRecord, RawSample, decode_image, parse_row, validate_row
 from components.data.shards import RecordError, check_conversations, encode_record
 from components.data.sources import llava_record, load_entries, safe_image_uri, unifood_family_records

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from components.config import DeepSpeedConfig, StageConfig
+from components.config import DeepSpeedSection, StageSection
 from components.train.deepspeed import build_deepspeed_config, plan_batch
 from components.train.loop import (
     CHECKPOINT_TAG,
@@ -116,10 +116,10 @@ def engine() -> Iterator[Any]:
     model[0].requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = cosine_with_warmup(optimizer, 10, 0.1)
-    stage = StageConfig(name="stage1", lr=1e-2, global_batch=2, micro_batch=2)
+    stage = StageSection(name="stage1", lr=1e-2, global_batch=2, micro_batch=2)
     ds_engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(DeepSpeedConfig(zero_stage=2), plan_batch(stage, 1), "fp32"),
+        config=build_deepspeed_config(DeepSpeedSection(zero_stage=2), plan_batch(stage, 1), "fp32"),
     )
     try:
         yield ds_engine
@@ -185,7 +185,7 @@ def test_peft_adapter_with_a_planted_bin_is_refused(tmp_path: Path) -> None:
     """An adapter folder whose weights are a pickle (adapter_model.bin) instead of safetensors runs nothing."""
     from peft import LoraConfig, get_peft_model
 
-    from components.model.adapters import load_adapter
+    from components.model.adapters.apply import load_adapter
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
@@ -212,7 +212,7 @@ def test_a_stage_artifact_whose_weights_are_a_pickle_is_refused(tmp_path: Path) 
     """Stage artifacts are read with safetensors, which parses a header and raw tensors, never pickles."""
     from safetensors import SafetensorError
 
-    from components.model.mllm import ARTIFACT_WEIGHTS, load_projector_weights
+    from components.model.artifact import ARTIFACT_WEIGHTS, load_projector_weights
 
     artifact, marker = tmp_path / "artifact", tmp_path / "ran"
     artifact.mkdir()

@@ -30,10 +30,11 @@ from moto.server import ThreadedMotoServer
 from pipeline_runs import STEPS, checkpoints, end_leftovers, pretrain_command
 
 from components import storage
-from components.config import PipelineConfig, StorageConfig, load_config
+from components.config import DuetConfig, StorageSection, load_config
 from components.storage import StorageError
-from components.tracking import TrackingUnreachable
-from components.workflow import run_full, run_single_stage
+from components.tracking.tracker import TrackingUnreachable
+from components.workflow.full import run_full
+from components.workflow.tracked_stage import run_single_stage
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 2**20
@@ -57,13 +58,13 @@ def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FlakyProxy]:
         server.stop()
 
 
-def _storage(proxy: FlakyProxy, password: str = "") -> StorageConfig:
+def _storage(proxy: FlakyProxy, password: str = "") -> StorageSection:
     userinfo = f"minio:{password}@" if password else ""
-    return StorageConfig(endpoint_url=f"http://{userinfo}127.0.0.1:{proxy.port}", region="us-east-1", retries=3,
+    return StorageSection(endpoint_url=f"http://{userinfo}127.0.0.1:{proxy.port}", region="us-east-1", retries=3,
                          connect_timeout_s=1, request_timeout_s=5)
 
 
-def _bucket(cfg: StorageConfig) -> str:
+def _bucket(cfg: StorageSection) -> str:
     uri = f"s3://faults-{uuid.uuid4().hex[:10]}"
     storage.ensure_bucket(uri, cfg)
     return uri
@@ -133,7 +134,7 @@ def test_an_endpoint_down_from_the_start_names_it_without_the_password(proxy: Fl
 # ---------------------------------------------------------------- tracking down at start
 
 
-def _demo_config(work: Path, *overrides: str) -> PipelineConfig:
+def _demo_config(work: Path, *overrides: str) -> DuetConfig:
     return load_config(REPO / "pipelines/configs/demo.yaml", [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
         f"scaling.storage_path={work}/runs", *overrides,

@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (session fixture)
 
 from components import storage
-from components.config import PipelineConfig, StorageConfig, TrackingConfig, load_config
+from components.config import DuetConfig, StorageSection, TrackingSection, load_config
 from components.storage import StorageError
-from components.tracking import REDACTED, Tracker, redact
-from components.workflow import ensure_dataset
+from components.tracking.redact import REDACTED, redact
+from components.tracking.tracker import Tracker
+from components.workflow.startup import ensure_dataset
 
 
 def _planted(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
@@ -43,7 +44,7 @@ def _planted(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {**values, "endpoint password": "pw-" + secrets.token_hex(8)}
 
 
-def _config(work: Path, root: str, endpoint: str, password: str) -> PipelineConfig:
+def _config(work: Path, root: str, endpoint: str, password: str) -> DuetConfig:
     host = endpoint.removeprefix("http://")
     return load_config(None, [
         f"run.work_dir={work}", f"data.root={root}", "data.num_records=24", "data.caption_records=8",
@@ -73,7 +74,7 @@ def test_a_tracked_data_step_and_its_storage_failures_leak_nothing(
     password = planted["endpoint password"]
     caplog.set_level(logging.DEBUG)
     cfg = _config(tmp_path, f"{s3_bucket}/datasets", s3_endpoint.url, password)
-    tracker = Tracker(TrackingConfig(tracking_uri=mlflow_server.uri, experiment=f"secrets-{uuid.uuid4().hex[:8]}"),
+    tracker = Tracker(TrackingSection(tracking_uri=mlflow_server.uri, experiment=f"secrets-{uuid.uuid4().hex[:8]}"),
                       str(tmp_path))
     tracker.check_reachable()
 
@@ -126,4 +127,4 @@ USERINFO = string.ascii_letters + string.digits + "-._~!$&'()*+,;=%"
 def test_any_valid_userinfo_password_is_masked(user: str, password: str, scheme: str) -> None:
     url = f"{scheme}://{user}:{password}@db.example:5432/x"
     assert redact(f"endpoint {url} failed") == f"endpoint {scheme}://{user}:{REDACTED}@db.example:5432/x failed"
-    assert storage.describe_endpoint("s3://b/k", StorageConfig(endpoint_url=url)) == f"{scheme}://db.example:5432"
+    assert storage.describe_endpoint("s3://b/k", StorageSection(endpoint_url=url)) == f"{scheme}://db.example:5432"

@@ -30,8 +30,9 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (fixture)
 from pipeline_runs import REPO, STEPS, end_leftovers, last_checkpoint_step, pretrain_command
 
-from components.config import TrackingConfig
-from components.tracking import MetricsBuffer, Tracker
+from components.config import TrackingSection
+from components.tracking.buffer import MetricsBuffer
+from components.tracking.tracker import Tracker
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -49,7 +50,7 @@ def proxied(mlflow_server: MlflowServer) -> Iterator[FlakyProxy]:  # noqa: F811
 
 
 def _tracker(proxy: FlakyProxy, tmp_path: Path) -> tuple[Tracker, str]:
-    tracker = Tracker(TrackingConfig(tracking_uri=proxy.url, experiment=f"outage-{uuid.uuid4().hex[:8]}"),
+    tracker = Tracker(TrackingSection(tracking_uri=proxy.url, experiment=f"outage-{uuid.uuid4().hex[:8]}"),
                       str(tmp_path))
     run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
     return tracker, run_id
@@ -227,7 +228,7 @@ def test_a_sweep_ledger_never_waits_on_a_lost_server_and_catches_up(
 ) -> None:
     from components.config import load_config
     from components.train.stage import StageData
-    from components.tune import TrialLedger
+    from components.tune.ledger import TrialLedger
 
     tracker, _ = _tracker(proxied, tmp_path)
     cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"run.work_dir={tmp_path}", "tracking.outage_timeout_s=60"])

@@ -3,10 +3,10 @@
 ::
 
     read_webdataset(manifest's shards, filesystem from storage.resolve, raw bytes)
-      -> TextStage   (actor pool): parse + validate the JSON, chat template, tokenise with
-                                   assistant-only labels; bad rows dropped and counted
-      -> ImageStage  (actor pool): decode + validate images, RGB, CLIP pad/resize/crop,
-                                   batch-normalise; corrupt images dropped and counted
+      -> TextPreprocessor  (actor pool): parse + validate the JSON, chat template, tokenise with
+                                         assistant-only labels; bad rows dropped and counted
+      -> ImagePreprocessor (actor pool): decode + validate images, RGB, CLIP pad/resize/crop,
+                                         batch-normalise; corrupt images dropped and counted
       -> Dataset with input_ids, labels (variable length) and pixel_values (n_images, 3, H, W)
 
 The dataset is lazy: hand it to ``TorchTrainer(datasets=...)`` and read it with
@@ -35,11 +35,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from transformers import AutoTokenizer
 
 from components import storage
-from components.config import PipelineConfig, StorageConfig
+from components.config import DuetConfig, StorageSection
 from components.data import quality
 from components.data.conversation import IGNORE_INDEX, Encoder
+from components.data.preprocessors import ImagePreprocessor, TextPreprocessor, keep_positions
 from components.data.shards import Manifest, read_manifest, shard_uris
-from components.data.stages import ImageStage, TextStage, keep_positions
 from components.data.transform import load_image_spec
 
 # Files of a model directory the data side needs (never the weights).
@@ -53,7 +53,7 @@ TEXT_BATCH_SIZE = 256
 # ---------------------------------------------------------------- model side
 
 
-def local_processor_dir(processor_dir: str, cfg: StorageConfig | None = None) -> str:
+def local_processor_dir(processor_dir: str, cfg: StorageSection | None = None) -> str:
     """A local directory with the tokenizer and image processor files (downloaded when remote)."""
     if not storage.is_remote(processor_dir):
         if not os.path.isdir(processor_dir):
@@ -73,7 +73,7 @@ def local_processor_dir(processor_dir: str, cfg: StorageConfig | None = None) ->
     return target
 
 
-def load_tokenizer(processor_dir: str, cfg: StorageConfig | None = None):
+def load_tokenizer(processor_dir: str, cfg: StorageSection | None = None):
     """The model directory's fast tokenizer (needed for label offsets); it must define a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(local_processor_dir(processor_dir, cfg))
     if tokenizer.pad_token_id is None:
@@ -86,7 +86,7 @@ def load_tokenizer(processor_dir: str, cfg: StorageConfig | None = None):
 
 def build_dataset(
     split_uri: str,
-    cfg: PipelineConfig,
+    cfg: DuetConfig,
     processor_dir: str,
     num_visual_tokens: int,
     *,
@@ -94,7 +94,7 @@ def build_dataset(
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> ray.data.Dataset:
-    """The lazy training dataset of one prepared split (see the module docstring for the stages).
+    """The lazy training dataset of one prepared split (see the module docstring for the preprocessors).
 
     With `num_shards` > 1 only the records whose global position is `shard_index`
     modulo `num_shards` are kept, before anything is decoded: one deterministic
@@ -120,13 +120,13 @@ def build_dataset(
             batch_format="pandas", num_cpus=data.preprocess_num_cpus,
         )
     dataset = dataset.map_batches(
-        TextStage,
+        TextPreprocessor,
         fn_constructor_kwargs={"encoder": encoder, "caption_template": data.caption_template, "monitor": monitor},
         batch_format="pandas", batch_size=TEXT_BATCH_SIZE, num_cpus=data.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.transform_concurrency),
     )
     return dataset.map_batches(
-        ImageStage,
+        ImagePreprocessor,
         fn_constructor_kwargs={"spec": spec, "max_pixels": data.max_image_pixels, "monitor": monitor},
         batch_format="pandas", batch_size=data.preprocess_batch_size, num_cpus=data.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(size=data.transform_concurrency),
@@ -137,7 +137,7 @@ def split_monitor(manifest: Manifest, max_bad_fraction: float) -> ray.actor.Acto
     return quality.get_monitor(manifest.split, manifest.digest, manifest.count, max_bad_fraction)
 
 
-def quality_report(split_uri: str, cfg: PipelineConfig) -> quality.QualityReport | None:
+def quality_report(split_uri: str, cfg: DuetConfig) -> quality.QualityReport | None:
     """Skipped-row counts so far for a split streamed in this Ray job (None when it was not streamed)."""
     manifest = read_manifest(split_uri, cfg.storage)
     return quality.read_report(manifest.digest, cfg.data.max_bad_fraction)
@@ -185,6 +185,6 @@ class Collate(NumpyBatchCollateFn):
         return collate(batch, self.pad_token_id)
 
 
-def make_collate(processor_dir: str, cfg: StorageConfig | None = None) -> Collate:
+def make_collate(processor_dir: str, cfg: StorageSection | None = None) -> Collate:
     """The collate function for a model directory (its tokenizer's pad token id)."""
     return Collate(int(load_tokenizer(processor_dir, cfg).pad_token_id))

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.model.dual_lora import CustomLoraConfig, InputDependentLoraLayer
+from components.model.adapters.base import CustomLoraConfig, InputDependentLoraLayer
 
 ROUTINGS = ("topk", "softmax", "relu")
 

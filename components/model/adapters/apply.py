@@ -1,4 +1,4 @@
-"""The one switch from `AdapterConfig` to a PEFT-wrapped model, and back from a saved adapter.
+"""The one switch from `AdapterSection` to a PEFT-wrapped model, and back from a saved adapter.
 
 `adapter.type` picks the method: plain LoRA (PEFT's own), Dual-LoRA, or one of the Table-1
 mixture baselines. Every method is a `LoraConfig` (sub)class, so wrapping, saving and loading
@@ -22,16 +22,23 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from components.config import AdapterConfig
-from components.model.dual_lora import CONFIG_FILE, CustomLoraConfig, DualLoraConfig
-from components.model.moe_lora import MoeLoraSoftmaxConfig, MoeLoraTopkConfig, RodeLoraConfig
+from components.config import AdapterSection
+from components.model.adapters.base import CONFIG_FILE, CustomLoraConfig
+from components.model.adapters.dual_lora import DualLoraConfig
+from components.model.adapters.moe_lora import MoeLoraSoftmaxConfig, MoeLoraTopkConfig, RodeLoraConfig
 
 ADAPTER_PREFIX = "lora_"
+
+
 # Submodules of a multimodal model that plain target names never reach (vision side, projector, VCE).
 NON_LANGUAGE_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector", "vce")
+
+
 CUSTOM_CONFIGS: dict[str, type[CustomLoraConfig]] = {
     cls.METHOD: cls for cls in (DualLoraConfig, MoeLoraTopkConfig, MoeLoraSoftmaxConfig, RodeLoraConfig)
 }
+
+
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
@@ -56,7 +63,7 @@ def target_regex(targets: list[str]) -> str:
     return "|".join(parts)
 
 
-def peft_config_for(cfg: AdapterConfig) -> LoraConfig:
+def peft_config_for(cfg: AdapterSection) -> LoraConfig:
     """The PEFT config for `cfg`; adapter.type 'none' has none."""
     common = dict(
         r=cfg.r,
@@ -82,7 +89,7 @@ def peft_config_for(cfg: AdapterConfig) -> LoraConfig:
     )
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+def apply_adapter(model: nn.Module, cfg: AdapterSection) -> nn.Module:
     """Wrap `model` with the configured adapter (only adapter tensors stay trainable); 'none': unchanged.
 
     PEFT freezes everything but the adapter: callers that also train other parts (projector, VCE)

@@ -1,4 +1,4 @@
-"""The two Ray Data map stages of the training pipeline (see components.data.pipeline).
+"""The Ray Data preprocessors (map steps) of the training dataset (see components.data.dataset).
 
 Kept free of torch and transformers imports: the actors that run them start
 in about a second and stay small, which matters when preprocessing shares a
@@ -40,8 +40,8 @@ def keep_positions(batch: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
     return batch[(positions % count) == index]
 
 
-class TextStage:
-    """Validate rows and tokenise their conversations (one tokenizer call per batch)."""
+class TextPreprocessor:
+    """Ray Data map step: validate rows and tokenise their conversations (one tokenizer call per batch)."""
 
     def __init__(self, encoder: Encoder, caption_template: str, monitor: ray.actor.ActorHandle) -> None:
         self.encoder = encoder
@@ -82,7 +82,7 @@ class TextStage:
         return pd.DataFrame(out)
 
 
-class ImageStage:
+class ImagePreprocessor:
     """Decode and CLIP-transform each row's images; rows with a corrupt image are dropped and counted."""
 
     def __init__(self, spec: ImageSpec, max_pixels: int, monitor: ray.actor.ActorHandle) -> None:

@@ -1,4 +1,4 @@
-"""The one module that talks to MLflow tracking: runs, config params, metrics, inputs, lineage, curves.
+"""The one module that talks to MLflow tracking: runs, config params, metrics, inputs, lineage, models.
 
 One parent run per pipeline invocation holds a child run per stage, trial,
 evaluation or data step (tag ``duet.kind``). Runs carry the config hash and the
@@ -6,21 +6,13 @@ step name so a later invocation can find work already done (``find_run``), and
 stage 2 carries stage 1's run id, artifact URI and the dataset digest (lineage).
 
 Where the tracking store is: ``tracking.tracking_uri`` from the config, else
-MLflow's own ``MLFLOW_TRACKING_URI``, else an embedded SQLite store
-``{work_dir}/mlflow.db`` whose experiment keeps its artifacts in
-``{work_dir}/mlartifacts``.
-
-Credentials never reach MLflow: every param, tag and text artifact written here
-goes through ``redact``, which drops keys named like credentials and masks
-values that look like one (AWS key ids and secrets, ``user:password@`` in URLs,
-and the literal values of credential environment variables such as
-``AWS_SECRET_ACCESS_KEY`` or ``MLFLOW_TRACKING_TOKEN``).
+MLflow's own ``MLFLOW_TRACKING_URI``, else an embedded SQLite store under
+``run.work_dir`` (components/layout.py) whose experiment keeps its artifacts beside it.
+Every param, tag and text artifact written here goes through components/tracking/redact.py.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -33,14 +25,12 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import mlflow
 import mlflow.pyfunc
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.environment_variables import MLFLOW_TRACKING_URI
@@ -49,35 +39,40 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
-from components.config import PipelineConfig, TrackingConfig, environ_snapshot
+from components.config import DuetConfig, TrackingSection
 from components.errors import DuetError
-
-# Tag names shared with the registry and the pipelines.
-TAG_KIND = "duet.kind"
-TAG_STEP = "duet.step"
-TAG_CONFIG_HASH = "duet.config_hash"
-TAG_GIT_COMMIT = "duet.git_commit"
-TAG_PARENT_STAGE_RUN = "duet.parent_stage_run_id"
-TAG_STAGE1_ARTIFACT = "duet.stage1_artifact_uri"
-TAG_DATASET_DIGEST = "duet.dataset_digest"
-TAG_STAGE1_DATASET_DIGEST = "duet.stage1_dataset_digest"
-TAG_ARTIFACT_PREFIX = "duet.artifact."
-TAG_ARTIFACT = "duet.artifact.stage"  # the stage artifact URI a stage or trial run wrote
-TAG_STEP_HASH = "duet.step_hash"  # what determines a step's output: a finished run with the same hash is reused
-TAG_CONTINUES_RUN = "duet.continues_run"  # a stage run that carries on an attempt a tracking outage interrupted
-TAG_MODEL_URI = "duet.artifact.model"  # the packaged pyfunc model of a stage-2 run
-
-ChildKind = Literal["stage", "trial", "evaluation", "data"]
-CHILD_KINDS: tuple[str, ...] = ("stage", "trial", "evaluation", "data")
-PIPELINE_KIND = "pipeline"
+from components.layout import tracking_artifacts_uri, tracking_store_uri
+from components.tracking.curves import write_curves
+from components.tracking.redact import flatten, is_secret_name, redact, redact_tree
+from components.tracking.tags import (
+    CHILD_KINDS,
+    PIPELINE_KIND,
+    TAG_ARTIFACT_PREFIX,
+    TAG_CONFIG_HASH,
+    TAG_DATASET_DIGEST,
+    TAG_GIT_COMMIT,
+    TAG_KIND,
+    TAG_PARENT_STAGE_RUN,
+    TAG_STAGE1_ARTIFACT,
+    TAG_STAGE1_DATASET_DIGEST,
+    TAG_STEP,
+)
 
 _log = logging.getLogger(__name__)
 
-REDACTED = "***"
+
 _MAX_PARAMS_PER_BATCH = 100
+
+
 _MAX_METRICS_PER_BATCH = 1000
+
+
 _MAX_PARAM_VALUE = 6000
+
+
 _MAX_DATASET_DIGEST = 36  # MLflow's column width for dataset digests
+
+
 _REMOTE_SCHEMES = ("http", "https", "databricks")
 
 
@@ -89,81 +84,14 @@ class TrackingUnreachable(TrackingError):
     """The tracking server did not answer: at the start-up probe, or for too long during a stage."""
 
 
-# ---------------------------------------------------------------- redaction
-
-_SECRET_WORDS = {"key", "keys", "secret", "secrets", "token", "password", "passwd", "pwd", "credential",
-                 "credentials", "apikey", "auth"}
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")
-_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+=]*[A-Z])(?=[A-Za-z0-9/+=]*[a-z])[A-Za-z0-9/+=]{40}"
-                         r"(?![A-Za-z0-9/+=])")
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
-_MIN_ENV_SECRET = 8  # shorter values (true, 0, none) are switches, not secrets; masking them would garble text
-
-
-def is_secret_name(name: str) -> bool:
-    """True when a key or variable name reads like a credential (words split on non-letters and case)."""
-    words = re.split(r"[^a-z]+", re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower())
-    return any(w in _SECRET_WORDS for w in words)
-
-
-# Shell variables whose names only look like credentials (PWD is the working directory, not a password).
-_NOT_SECRET_ENV = {"PWD", "OLDPWD"}
-
-
-def _env_secrets() -> list[str]:
-    """Values of credential-named environment variables, so they can be masked wherever they turn up."""
-    values = {
-        v for k, v in environ_snapshot().items()
-        if k not in _NOT_SECRET_ENV and is_secret_name(k) and len(v) >= _MIN_ENV_SECRET
-    }
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """Mask anything in a string that looks like a credential."""
-    for secret in _env_secrets():
-        text = text.replace(secret, REDACTED)
-    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    text = _AWS_KEY_ID.sub(REDACTED, text)
-    return _AWS_SECRET.sub(REDACTED, text)
-
-
-def redact_tree(tree: Any) -> Any:
-    """A copy of nested dicts/lists with credential-named keys dropped and string values masked."""
-    if isinstance(tree, Mapping):
-        return {str(k): redact_tree(v) for k, v in tree.items() if not is_secret_name(str(k))}
-    if isinstance(tree, list | tuple):
-        return [redact_tree(v) for v in tree]
-    if isinstance(tree, str):
-        return redact(tree)
-    return tree
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted-key view of nested dicts; lists become JSON text, None becomes 'null'."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{dotted}."))
-        elif isinstance(value, str):
-            flat[dotted] = value
-        else:
-            flat[dotted] = json.dumps(value)
-    return flat
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def resolve_tracking_uri(cfg: TrackingConfig, work_dir: str) -> str:
+def resolve_tracking_uri(cfg: TrackingSection, work_dir: str) -> str:
     """Config value, else MLFLOW_TRACKING_URI, else the embedded SQLite store under work_dir."""
     if cfg.tracking_uri:
         return cfg.tracking_uri
     from_env = MLFLOW_TRACKING_URI.get()
     if from_env:
         return from_env
-    return f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
+    return tracking_store_uri(work_dir)
 
 
 def git_commit(path: Path | None = None) -> str | None:
@@ -183,7 +111,11 @@ def git_commit(path: Path | None = None) -> str | None:
 # main thread both make calls: one lock and a count keep nested or overlapping blocks from restoring
 # a value another block set (which would leave every later call with no retries).
 _FAIL_FAST_LOCK = threading.Lock()
+
+
 _fail_fast_depth = 0
+
+
 _fail_fast_saved: dict[str, str | None] = {}
 
 
@@ -225,13 +157,10 @@ def _check_filter_value(name: str, value: str) -> str:
     return value
 
 
-# ---------------------------------------------------------------- tracker
-
-
 class Tracker:
     """MLflow runs of one experiment, with credentials kept out of everything logged."""
 
-    def __init__(self, cfg: TrackingConfig, work_dir: str) -> None:
+    def __init__(self, cfg: TrackingSection, work_dir: str) -> None:
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.uri = resolve_tracking_uri(cfg, work_dir)
@@ -249,7 +178,7 @@ class Tracker:
     @property
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts: a local folder unless a server decides."""
-        return None if self.is_remote else (self.work_dir.resolve() / "mlartifacts").as_uri()
+        return None if self.is_remote else tracking_artifacts_uri(self.work_dir)
 
     def check_reachable(self, timeout_s: float = 5.0) -> None:
         """Fail fast, naming the URI and the fix, when the tracking store does not answer."""
@@ -378,7 +307,7 @@ class Tracker:
         if safe:
             self.client.log_batch(run_id, tags=safe)
 
-    def log_config(self, run_id: str, cfg: PipelineConfig) -> dict[str, str]:
+    def log_config(self, run_id: str, cfg: DuetConfig) -> dict[str, str]:
         """Resolved config as dotted params and a YAML artifact, plus config-hash and git-commit tags.
 
         Returns the params that were logged (credentials removed).
@@ -470,29 +399,12 @@ class Tracker:
         self.client.log_text(run_id, redact(text), artifact_file)
 
     def log_curves(self, run_id: str, history: Sequence[Mapping[str, Any]], artifact_dir: str = "curves") -> list[str]:
-        """Loss and learning-rate plots (PNG) and the metric table (JSON, CSV) of a training history.
-
-        Each history row is one logged step; ``step`` is its x value (the row index when
-        absent); columns with "loss" in the name go on the loss plot, ``lr``/``lr_*``/
-        ``*learning_rate*`` columns on the learning-rate plot. Returns the artifact paths.
-        """
+        """Loss and learning-rate plots and the metric table of a training history (components/tracking/curves.py)
+        as artifacts under `artifact_dir`; returns their artifact paths."""
         if not history:
             return []
-        rows = [dict(r) for r in history]
-        steps = [r.get("step", i) for i, r in enumerate(rows)]
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        loss_cols = [c for c in columns if "loss" in c.lower()]
-        lr_cols = [c for c in columns if c.lower() == "lr" or c.lower().startswith("lr_") or "learning_rate" in c.lower()]
-        written = []
         with tempfile.TemporaryDirectory() as tmp:
-            for file, cols, label, log_scale in [
-                ("loss.png", loss_cols, "loss", False), ("learning_rate.png", lr_cols, "learning rate", True),
-            ]:
-                if cols and _plot(Path(tmp, file), steps, rows, cols, label, log_scale):
-                    written.append(file)
-            Path(tmp, "history.json").write_text(redact(json.dumps(rows, indent=1, default=str)))
-            Path(tmp, "history.csv").write_text(redact(_csv(rows, columns)))
-            written += ["history.json", "history.csv"]
+            written = write_curves(history, Path(tmp))
             self.client.log_artifacts(run_id, tmp, artifact_dir)
         return [f"{artifact_dir}/{f}" for f in written]
 
@@ -520,117 +432,3 @@ class Tracker:
                 code_paths=list(code_paths) if code_paths else None,
             )
         return f"runs:/{run_id}/{name}"
-
-
-# ---------------------------------------------------------------- metrics that outlive an outage
-
-
-class MetricsBuffer:
-    """Per-step metrics of one run, sent as they arrive and kept while the tracking server is away.
-
-    Training never waits on MLflow: a send that fails keeps its rows, in order, and the next
-    send retries them first. Each attempt fails fast (no MLflow-level retries), so the caller's
-    thread keeps up with training during an outage. `close` gives the server time to come back
-    and returns what it still could not send; `rows` holds every row seen, sent or not.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str, retry_every_s: float = 2.0) -> None:
-        self.tracker = tracker
-        self.run_id = run_id
-        self.retry_every_s = retry_every_s
-        self.rows: list[dict[str, float]] = []
-        self._pending: list[tuple[int, dict[str, float]]] = []  # (milliseconds when recorded, row)
-        self._down_since: float | None = None
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Queue rows (each with a `step` and numbers) and try to send everything queued."""
-        for row in rows:
-            kept = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            if "step" not in kept:
-                raise TrackingError(f"metrics row without a 'step': {sorted(row)}")
-            self.rows.append(kept)
-            self._pending.append((_now_ms(), kept))
-        self.flush()
-
-    def flush(self) -> bool:
-        """Send what is queued; False (rows kept) when the server does not take them."""
-        while self._pending:
-            chunk, count = self._next_chunk()
-            try:
-                with fail_fast():
-                    self.tracker.client.log_batch(self.run_id, metrics=chunk)
-            except Exception as exc:  # any failure: keep the row; close() reports what never got through
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-                    _log.warning(
-                        "tracking store %s did not take metrics (%s); buffering them and retrying, training goes on",
-                        self.tracker.safe_uri, redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200],
-                    )
-                return False
-            del self._pending[:count]
-        if self._down_since is not None:
-            _log.warning("tracking store %s is back after %.0f s; buffered metrics sent", self.tracker.safe_uri,
-                         time.monotonic() - self._down_since)
-            self._down_since = None
-        return True
-
-    def _next_chunk(self) -> tuple[list[Metric], int]:
-        """The oldest queued rows that fit one MLflow request (whole rows only), and how many rows that is."""
-        metrics: list[Metric] = []
-        count = 0
-        for stamp, row in self._pending:
-            values = [Metric(k, v, stamp, int(row["step"])) for k, v in row.items() if k != "step"]
-            if metrics and len(metrics) + len(values) > _MAX_METRICS_PER_BATCH:
-                break
-            metrics.extend(values)
-            count += 1
-        return metrics, count
-
-    def close(self, timeout_s: float) -> list[dict[str, float]]:
-        """Send what is left, retrying for up to `timeout_s`; returns the rows that never got through."""
-        deadline = time.monotonic() + timeout_s
-        while not self.flush():
-            if time.monotonic() + self.retry_every_s > deadline:
-                break
-            time.sleep(self.retry_every_s)
-        return [row for _, row in self._pending]
-
-
-# ---------------------------------------------------------------- curves
-
-
-def _plot(path: Path, steps: list[Any], rows: list[dict[str, Any]], cols: list[str], label: str, log: bool) -> bool:
-    """Draw one figure with a line per column; False when no column has a numeric value."""
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    drawn = False
-    for col in cols:
-        points = [(s, r[col]) for s, r in zip(steps, rows) if isinstance(r.get(col), int | float)]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=col)
-            drawn = True
-    if not drawn:
-        return False
-    if log and all(y > 0 for c in cols for r in rows if isinstance(y := r.get(c), int | float)):
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
-
-
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from components import storage
-from components.config import StorageConfig
+from components.config import StorageSection
 from components.data.shards import IMAGE_EXTENSIONS, read_manifest, shard_uris
 
 PER_TASK = 3
@@ -53,7 +53,7 @@ def examples_text(rows: pd.DataFrame, blind: pd.DataFrame | None = None, width: 
     return "\n".join(lines)
 
 
-def read_images(split_uri: str, keys: set[str], cfg: StorageConfig | None = None) -> dict[str, bytes]:
+def read_images(split_uri: str, keys: set[str], cfg: StorageSection | None = None) -> dict[str, bytes]:
     """The first image of each sample in `keys`, read from the split's shards in order (stops once all are found)."""
     manifest = read_manifest(split_uri, cfg)
     found: dict[str, bytes] = {}

@@ -10,20 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import PipelineConfig, load_config
+from components.config import DuetConfig, load_config
 from components.errors import ArtifactError
-from components.model.adapters import is_adapter_param
-from components.model.mllm import (
-    VCEProjector,
-    build_meta_model,
-    build_model,
-    check_compatible,
-    component_sizes,
-    load_stage_model,
-    parameter_groups,
-    projector_module,
-    save_stage_artifact,
-)
+from components.model.adapters.apply import is_adapter_param
+from components.model.artifact import check_compatible, load_stage_model, save_stage_artifact
+from components.model.llava import VCEProjector, projector_module
+from components.model.sizes import build_meta_model, component_sizes
+from components.model.stages import build_model, parameter_groups
 from components.model.tiny import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +24,7 @@ ADAPTERS = ["lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> PipelineConfig:
+def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> DuetConfig:
     path = tmp_path_factory.mktemp("tiny") / "base"
     cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"model.checkpoint={path}", "adapter.r=8"])
     save_tiny_checkpoint(cfg.model.tiny.model_copy(update={"warmup_steps": 0}), path, seed=0)
@@ -58,7 +51,7 @@ def _grads(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-def test_stage1_gradients_reach_only_projector_and_vce(tiny_cfg: PipelineConfig) -> None:
+def test_stage1_gradients_reach_only_projector_and_vce(tiny_cfg: DuetConfig) -> None:
     model = build_model(tiny_cfg, stage=1)
     assert isinstance(projector_module(model), VCEProjector)
     grads = _grads(model)
@@ -69,7 +62,7 @@ def test_stage1_gradients_reach_only_projector_and_vce(tiny_cfg: PipelineConfig)
     assert all("vision_tower" in n or "language_model" in n or "lm_head" in n for n in frozen)
 
 
-def test_stage2_adds_the_adapter_on_language_q_v_only(tiny_cfg: PipelineConfig) -> None:
+def test_stage2_adds_the_adapter_on_language_q_v_only(tiny_cfg: DuetConfig) -> None:
     model = build_model(tiny_cfg, stage=2)
     grads = _grads(model)
     adapter = {n for n in grads if is_adapter_param(n)}
@@ -83,7 +76,7 @@ def test_stage2_adds_the_adapter_on_language_q_v_only(tiny_cfg: PipelineConfig) 
     assert groups["projector_vce"]["lr"] == tiny_cfg.stage2.lr
 
 
-def test_adapter_at_init_keeps_stage1_outputs(tiny_cfg: PipelineConfig) -> None:
+def test_adapter_at_init_keeps_stage1_outputs(tiny_cfg: DuetConfig) -> None:
     torch.manual_seed(0)
     stage1 = build_model(tiny_cfg, stage=1).eval()
     torch.manual_seed(0)
@@ -94,7 +87,7 @@ def test_adapter_at_init_keeps_stage1_outputs(tiny_cfg: PipelineConfig) -> None:
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
-def test_each_adapter_trains_the_tiny_llava(tiny_cfg: PipelineConfig, adapter: str) -> None:
+def test_each_adapter_trains_the_tiny_llava(tiny_cfg: DuetConfig, adapter: str) -> None:
     cfg = tiny_cfg.model_copy(update={"adapter": tiny_cfg.adapter.model_copy(update={"type": adapter})})
     torch.manual_seed(0)
     model = build_model(cfg, stage=2)
@@ -110,7 +103,7 @@ def test_each_adapter_trains_the_tiny_llava(tiny_cfg: PipelineConfig, adapter: s
     assert losses[-1] < losses[0] - 0.25, losses
 
 
-def test_artifact_round_trip_in_a_fresh_process(tiny_cfg: PipelineConfig, tmp_path: Path) -> None:
+def test_artifact_round_trip_in_a_fresh_process(tiny_cfg: DuetConfig, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(tiny_cfg, stage=2)
     with torch.no_grad():  # move away from init so the check means something
@@ -130,7 +123,7 @@ def test_artifact_round_trip_in_a_fresh_process(tiny_cfg: PipelineConfig, tmp_pa
     script = (
         "import json,sys,torch\n"
         "from components.config import config_from_dict\n"
-        "from components.model.mllm import load_stage_model\n"
+        "from components.model.artifact import load_stage_model\n"
         f"cfg=config_from_dict(json.load(open({str(tmp_path / 'cfg.json')!r})))\n"
         f"m=load_stage_model(cfg,{uri!r})\n"
         f"b=torch.load({str(tmp_path / 'batch.pt')!r},weights_only=True)['batch']\n"
@@ -144,7 +137,7 @@ def test_artifact_round_trip_in_a_fresh_process(tiny_cfg: PipelineConfig, tmp_pa
         torch.testing.assert_close(load_stage_model(tiny_cfg, uri)(**batch).logits, expected)
 
 
-def test_stage2_refuses_an_artifact_with_another_vce(tiny_cfg: PipelineConfig, tmp_path: Path) -> None:
+def test_stage2_refuses_an_artifact_with_another_vce(tiny_cfg: DuetConfig, tmp_path: Path) -> None:
     save_stage_artifact(build_model(tiny_cfg, stage=1), tiny_cfg, 1, str(tmp_path / "s1"), data_digest="d")
     assert check_compatible(tiny_cfg, str(tmp_path / "s1")).stage == 1
     other = tiny_cfg.model_copy(update={"vce": tiny_cfg.vce.model_copy(update={"points": 2})})

@@ -1,0 +1,123 @@
+"""The start-up every entry point shares (the full pipeline, single stages, sweeps, benchmarks), cheapest
+checks first: nothing is trained before all of them pass. Then the dataset and the base model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+from transformers import LlavaConfig
+
+from components import storage
+from components.cluster import check_fits, init_ray, pipeline_needs
+from components.config import ConfigError, DuetConfig
+from components.console import say
+from components.data.prepare import SplitResult, prepare
+from components.data.shards import read_manifest, shard_uris
+from components.layout import (
+    split_uri,
+)
+from components.model.llava import local_checkpoint
+from components.model.tiny import save_tiny_checkpoint
+from components.quiet import quiet_driver
+from components.tracking.tracker import Tracker
+from components.train.settings import total_steps
+from components.train.stage import STAGE_SPLITS, StageData
+
+
+@dataclass
+class Workspace:
+    """What every entry point needs before its first stage: the resolved config, the tracker, data, base."""
+
+    cfg: DuetConfig
+    tracker: Tracker
+    splits: dict[str, SplitResult]
+    base_dir: str
+    base_reused: bool
+
+
+def start(cfg: DuetConfig, stages: tuple[int, ...] = (1, 2)) -> Workspace:
+    """The start-up every pipeline shares, cheapest checks first, so nothing is trained before all pass.
+
+    Config paths made absolute; the tracking store answering (before Ray starts: an outage must not
+    cost a cluster start or a stage); Ray joined or started; every step fitting the cluster at once;
+    the dataset written or reused; each stage's data filling at least one global batch; the base
+    model found, downloaded or (tiny) built.
+    """
+    cfg = cfg.with_absolute_paths()
+    quiet_driver()
+    tracker = Tracker(cfg.tracking, cfg.run.work_dir)
+    tracker.check_reachable()
+    say(init_ray(cfg))
+    check_fits(pipeline_needs(cfg, has_validation=cfg.data.val_fraction > 0))
+    splits = ensure_dataset(cfg)
+    for stage in stages:
+        split = splits.get(STAGE_SPLITS[stage])
+        if split is not None:
+            total_steps(cfg.stage(stage), split.manifest.count)
+    base_dir, reused = ensure_base_model(cfg, splits)
+    try:  # a checkpoint in object storage is read only now: its vision tower decides the VCE layers
+        cfg.vce.check_layers(LlavaConfig.from_pretrained(base_dir).vision_config.num_hidden_layers,
+                             f" of {cfg.model.checkpoint}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return Workspace(cfg, tracker, splits, base_dir, reused)
+
+
+def ensure_dataset(cfg: DuetConfig) -> dict[str, SplitResult]:
+    """Write the dataset's splits, re-using every split whose manifest already matches its inputs."""
+    results = {r.split: r for r in prepare(cfg.data, cfg.storage, progress=say)}
+    for result in results.values():
+        state = "reused" if result.reused else "written"
+        say(f"data {result.split}: {result.manifest.count} records, digest {result.manifest.digest[:12]} ({state})")
+    return results
+
+
+def ensure_base_model(cfg: DuetConfig, splits: dict[str, SplitResult]) -> tuple[str, bool]:
+    """The base checkpoint directory and whether it already existed; `model.arch: tiny` is built when missing."""
+    if cfg.model.arch != "tiny" or storage.is_remote(cfg.model.checkpoint or ""):
+        return local_checkpoint(cfg.model.checkpoint or "", cfg.storage), True
+    path = storage.resolve(cfg.model.checkpoint or "")[1]
+    if os.path.isfile(os.path.join(path, "config.json")):
+        say(f"base model: {path} (reused)")
+        return path, True
+    texts = _warmup_texts(cfg, splits)
+    say(f"base model: building the tiny LLaVA at {path} ({cfg.model.tiny.warmup_steps} warm-up steps on "
+        f"{len(texts)} texts)")
+    return save_tiny_checkpoint(cfg.model.tiny, path, texts, seed=cfg.run.seed), False
+
+
+def _warmup_texts(cfg: DuetConfig, splits: dict[str, SplitResult], limit: int = 4000) -> list[str]:
+    """Plain text of the training splits' first shards: what a pretrained LLM would already have read."""
+    texts: list[str] = []
+    for name in ("caption", "train"):
+        if name not in splits:
+            continue
+        for shard_uri in shard_uris(splits[name].uri, splits[name].manifest):
+            with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(shard_uri, cfg.storage))) as tar:
+                for member in tar.getmembers():
+                    if not member.name.endswith(".json"):
+                        continue
+                    record = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    turns = record.get("conversations", [])
+                    texts.append(" ".join(str(t.get("value", "")).replace("<image>", "").strip() for t in turns))
+            if len(texts) >= limit // 2:
+                break
+    return texts[:limit]
+
+
+def stage_data(cfg: DuetConfig, stage: int, base_dir: str) -> StageData:
+    """The shard sets and preprocessing inputs for one stage."""
+    train_uri = split_uri(cfg.data, STAGE_SPLITS[stage])
+    manifest = read_manifest(train_uri, cfg.storage)
+    val_uri = split_uri(cfg.data, "validation")
+    has_val = storage.exists(storage.join(val_uri, "manifest.json"), cfg.storage)
+    llava = LlavaConfig.from_pretrained(base_dir)
+    side = llava.vision_config.image_size // llava.vision_config.patch_size
+    return StageData(
+        train_uri=train_uri, num_train_samples=manifest.count, digest=manifest.digest, processor_dir=base_dir,
+        num_visual_tokens=side * side, val_uri=val_uri if has_val and stage == 2 else None,
+    )

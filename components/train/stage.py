@@ -19,9 +19,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from components import storage
-from components.console import say
 from components.cluster import use_gpu_for_training
 from components.config import DuetConfig
+from components.console import say
 from components.data.dataset import build_dataset
 from components.layout import artifact_uri, storage_root, trainer_run_name
 from components.model.artifact import check_compatible

@@ -123,6 +123,9 @@ class TinyModelSection(Section):
     text_intermediate: PositiveInt = 256
     vocab_size: PositiveInt = 512
     warmup_steps: Annotated[int, Field(ge=0)] = 200
+    vision_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    vision_warmup_batch: PositiveInt = 64
+    vision_warmup_lr: PositiveFloat = 1e-3
 
 
 class ModelSection(Section):

@@ -41,7 +41,7 @@ _NOT_A_USER = ("PYTEST_CURRENT_TEST", "PYTEST_VERSION", "CI", "GITHUB_ACTIONS", 
 # Small sizes for every run of this module; the job runs the demo config itself otherwise.
 TINY = [
     "data.num_records=160", "data.caption_records=80", "data.records_per_shard=40",
-    "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0",
+    "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0",
     "stage1.global_batch=8", "stage1.micro_batch=2", "stage1.max_steps=3", "stage1.checkpoint_every=3",
     "stage2.global_batch=8", "stage2.micro_batch=2", "stage2.max_steps=3", "stage2.checkpoint_every=3",
     "stage2.eval_batches=1", "adapter.r=8", "adapter.alpha=16",

@@ -27,7 +27,7 @@ ADAPTERS = ["lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
 def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> DuetConfig:
     path = tmp_path_factory.mktemp("tiny") / "base"
     cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"model.checkpoint={path}", "adapter.r=8"])
-    save_tiny_checkpoint(cfg.model.tiny.model_copy(update={"warmup_steps": 0}), path, seed=0)
+    save_tiny_checkpoint(cfg.model.tiny.model_copy(update={"warmup_steps": 0, "vision_warmup_steps": 0}), path, seed=0)
     return cfg
 
 

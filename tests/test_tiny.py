@@ -11,9 +11,12 @@ from components.config import TinyModelSection
 from components.model.tiny import (
     IMAGE_TOKEN,
     build_tokenizer,
+    built_recipe,
     save_tiny_checkpoint,
     tiny_llava_config,
+    tiny_recipe,
     warm_up_language_model,
+    warm_up_vision_tower,
 )
 
 TEXTS = ["a large red circle in the top left and a small blue square at the bottom"] * 8 + [
@@ -46,3 +49,28 @@ def test_warm_up_lowers_the_language_model_loss() -> None:
     model = LlavaForConditionalGeneration(tiny_llava_config(TinyModelSection(), tokenizer))
     losses = warm_up_language_model(model, tokenizer, TEXTS, steps=30, seed=0, batch_size=4)
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 1.0
+
+
+def test_a_base_records_its_recipe_and_a_rebuild_replaces_it_whole(tmp_path: Path) -> None:
+    tiny = TinyModelSection(warmup_steps=0)
+    path = save_tiny_checkpoint(tiny, tmp_path / "tiny", TEXTS, seed=0)
+    assert built_recipe(path) == tiny_recipe(tiny, TEXTS, 0, (-2, -8, -14, -20))
+    for changed in (tiny_recipe(tiny.model_copy(update={"vision_warmup_steps": 5}), TEXTS, 0, (-2, -8, -14, -20)),
+                    tiny_recipe(tiny, TEXTS[:-1], 0, (-2, -8, -14, -20)),
+                    tiny_recipe(tiny, TEXTS, 1, (-2, -8, -14, -20)),
+                    tiny_recipe(tiny, TEXTS, 0, (-2, -8))):
+        assert changed != built_recipe(path)
+    (Path(path) / "stale.txt").write_text("left by the old build")
+    save_tiny_checkpoint(tiny, path, TEXTS, seed=1)
+    assert built_recipe(path) == tiny_recipe(tiny, TEXTS, 1, (-2, -8, -14, -20))
+    assert not (Path(path) / "stale.txt").exists(), "the old base is replaced, not overlaid"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"], "no staging folder left behind"
+    assert built_recipe(tmp_path / "missing") is None
+
+
+def test_vision_warm_up_lowers_its_loss_and_leaves_the_tower_in_eval_mode() -> None:
+    tiny = TinyModelSection(vision_layers=4)
+    model = LlavaForConditionalGeneration(tiny_llava_config(tiny, build_tokenizer(512, TEXTS)))
+    losses = warm_up_vision_tower(model, tiny, steps=40, seed=0, batch_size=8, lr=3e-3, layers=(-1, -3))
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    assert not model.model.vision_tower.training

@@ -3,21 +3,31 @@
 Nothing can be downloaded, so the tiny model is saved as an ordinary Hugging Face
 checkpoint directory (weights, tokenizer, image processor) and every later step
 loads it through the same `from_pretrained` code path a real LLaVA-1.5 uses.
-An optional warm-up trains the language model on plain text for a few hundred
-steps, so that it stands in for a pretrained base instead of random weights.
+Optional warm-ups make it stand in for a pretrained base instead of random
+weights on both sides: the language model learns the vocabulary on plain text,
+and the CLIP vision tower learns, on synthetic shape images of its own, to tell
+apart what a pretrained CLIP would (colour, shape, size, position, count,
+background), so VCE and the projector have visual features to align.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -27,6 +37,16 @@ from transformers import (
 )
 
 from components.config import TinyModelSection
+from components.data.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Scene,
+    Shape,
+    SyntheticShapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +142,7 @@ def tiny_llava_config(tiny: TinyModelSection, tokenizer: PreTrainedTokenizerFast
 
 def build_processor(tiny: TinyModelSection, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     """LLaVA processor (CLIP image processor + tokenizer) at the tiny image size."""
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": tiny.image_size},
         crop_size={"height": tiny.image_size, "width": tiny.image_size},
         image_mean=list(CLIP_MEAN),
@@ -171,32 +191,274 @@ def warm_up_language_model(
             [texts[i] + EOS_TOKEN for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=256
         )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log.info("tiny LM warm-up step %d/%d loss %.3f", step + 1, steps, losses[-1])
     model.eval()
     return losses
 
 
+# The vision warm-up draws its own scenes under this seed (plus the run seed), far from any dataset seed,
+# so the tower never sees a training, validation or test image.
+VISION_WARMUP_SEED = 0x7E1E_0000
+# The hidden-state indices the warm-up supervises by default: the demo's VCE anchor and reference layers.
+DEFAULT_VISION_LAYERS = (-2, -8, -14, -20)
+GRID = 3  # the synthetic scenes' 3 x 3 layout of shape cells
+# The vision warm-up's labels: name -> (what it is read from, loss, width). A cell label is read from the
+# mean of the grid cell's patches, a patch label from every patch, an image label from the mean of all
+# patches (what uniform attention hands the language model). Kind and size exist only where there is a
+# shape (colour class 0 is "no shape"); "items" and "occupied" are multi-hot: the (colour, kind) pairs and
+# the cells present; "largest" is the numeric task's area.
+LABELS: dict[str, tuple[str, str, int]] = {
+    "colour": ("cell", "ce", 1 + len(COLOURS)),
+    "kind": ("cell", "ce", len(SHAPES)),
+    "size": ("cell", "ce", len(SIZES)),
+    "area": ("cell", "mse", 1),
+    "cell": ("patch", "ce", GRID * GRID),
+    "count": ("image", "ce", 1 + GRID * GRID),
+    "background": ("image", "ce", len(BACKGROUNDS)),
+    "texture": ("image", "ce", len(TEXTURES)),
+    "items": ("image", "bce", len(COLOURS) * len(SHAPES)),
+    "occupied": ("image", "bce", GRID * GRID),
+    "largest": ("image", "mse", 1),
+}
+GRANULARITIES = ("cell", "patch", "image")
+AREA_SCALE = 10.0  # areas in tenths of a percent of the image, about [0, 1]
+IGNORE = -100  # cross-entropy's ignore_index: no kind or size label in an empty cell
+
+
+def patch_cells(image_size: int, patch_size: int) -> torch.Tensor:
+    """The 3 x 3 grid cell (reading order) holding each patch's centre, for the patches in CLIP's order."""
+    side = image_size // patch_size
+    centres = (torch.arange(side) + 0.5) * patch_size
+    band = (centres * GRID / image_size).long().clamp_max(GRID - 1)
+    return (band[:, None] * GRID + band[None, :]).flatten()
+
+
+def cell_pooling(cells: torch.Tensor) -> torch.Tensor:
+    """[9, P] weights that average the patches of each grid cell."""
+    onehot = F.one_hot(cells, GRID * GRID).T.float()
+    return onehot / onehot.sum(dim=1, keepdim=True)
+
+
+def scene_targets(scenes: Sequence[Scene], cells: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The LABELS of a batch of scenes; `cells` is patch_cells() of the tower's patch grid."""
+    batch, n_cells = len(scenes), GRID * GRID
+    targets = {
+        "colour": torch.zeros(batch, n_cells, dtype=torch.long),
+        "kind": torch.full((batch, n_cells), IGNORE, dtype=torch.long),
+        "size": torch.full((batch, n_cells), IGNORE, dtype=torch.long),
+        "area": torch.zeros(batch, n_cells),
+        "cell": cells.expand(batch, -1),
+        "count": torch.tensor([len(s.shapes) for s in scenes]),
+        "background": torch.tensor([list(BACKGROUNDS).index(s.background) for s in scenes]),
+        "texture": torch.tensor([TEXTURES.index(s.texture) for s in scenes]),
+        "items": torch.zeros(batch, len(COLOURS) * len(SHAPES)),
+        "occupied": torch.zeros(batch, n_cells),
+        "largest": torch.tensor([max(shape.area_pct for shape in s.shapes) / AREA_SCALE for s in scenes]),
+    }
+    colours, sizes = list(COLOURS), list(SIZES)
+    for i, scene in enumerate(scenes):
+        for shape in scene.shapes:
+            colour, kind = colours.index(shape.colour), SHAPES.index(shape.kind)
+            targets["colour"][i, shape.cell] = 1 + colour
+            targets["kind"][i, shape.cell] = kind
+            targets["size"][i, shape.cell] = sizes.index(shape.size)
+            targets["area"][i, shape.cell] = shape.area_pct / AREA_SCALE
+            targets["items"][i, colour * len(SHAPES) + kind] = 1.0
+            targets["occupied"][i, shape.cell] = 1.0
+    return targets
+
+
+def dense_scene(generator: SyntheticShapes, index: int, parts: int = 2) -> Scene:
+    """Scene `index` of a warm-up stream: `parts` generator scenes' shapes merged into one image (first per cell).
+
+    Shapes are drawn exactly as in the dataset, but each image carries about twice as many of them, so
+    the tower sees more shapes per second of warm-up.
+    """
+    scenes = [generator.scene(parts * index + j) for j in range(parts)]
+    shapes: dict[int, Shape] = {}
+    for scene in scenes:
+        for shape in scene.shapes:
+            shapes.setdefault(shape.cell, shape)
+    return dataclasses.replace(scenes[0], shapes=tuple(shapes[cell] for cell in sorted(shapes)))
+
+
+def scene_pixels(generator: SyntheticShapes, scenes: Sequence[Scene]) -> torch.Tensor:
+    """Rendered scenes as CLIP input (B, 3, H, W), normalised as the data pipeline does."""
+    images = np.stack([np.asarray(generator.render(scene), dtype=np.float32) for scene in scenes]) / 255.0
+    pixels = (images - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def sincos_positions(side: int, dim: int, scale: float = 0.3) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings [side * side, dim] (MAE's start for ViTs trained from scratch).
+
+    CLIP's default init (std 0.02) leaves positions ~15x weaker than the patch content, and a tower trained
+    from there on a few thousand images never learns where a patch is; at `scale` they match the content.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    angles = [axis.flatten()[:, None] * omega for axis in (ys, xs)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    return scale * torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
+class VisionWarmupHeads(torch.nn.Module):
+    """Linear read-outs of LABELS at each supervised layer; used for the warm-up only, never saved.
+
+    Linear heads on layer-normed hidden states (what VCE reads) make the labels linearly decodable there.
+    """
+
+    def __init__(self, dim: int, num_layers: int, pooling: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.register_buffer("pooling", pooling)
+        self.widths = {g: [w for where, _, w in LABELS.values() if where == g] for g in GRANULARITIES}
+        self.heads = torch.nn.ModuleDict({
+            g: torch.nn.ModuleList(torch.nn.Linear(dim, sum(self.widths[g])) for _ in range(num_layers))
+            for g in GRANULARITIES
+        })
+
+    def outputs(self, level: int, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each label's logits (or estimate) from one layer's patch tokens [B, P, d]."""
+        features = self.norm(patches)
+        inputs = {
+            "cell": torch.einsum("cp,bpd->bcd", self.pooling, features), "patch": features,
+            "image": features.mean(dim=1),
+        }
+        out: dict[str, torch.Tensor] = {}
+        for g in GRANULARITIES:
+            names = [name for name, (where, _, _) in LABELS.items() if where == g]
+            out |= dict(zip(names, self.heads[g][level](inputs[g]).split(self.widths[g], dim=-1)))
+        return out
+
+    def loss(self, level: int, patches: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sum of every label's loss at one layer."""
+        total = patches.new_zeros(())
+        for name, out in self.outputs(level, patches).items():
+            kind, target = LABELS[name][1], targets[name]
+            if kind == "ce":
+                total = total + F.cross_entropy(out.flatten(0, -2), target.flatten(), ignore_index=IGNORE)
+            elif kind == "bce":
+                total = total + F.binary_cross_entropy_with_logits(out, target)
+            else:
+                total = total + F.mse_loss(out.squeeze(-1), target)
+        return total
+
+
+def warm_up_vision_tower(
+    model: LlavaForConditionalGeneration,
+    tiny: TinyModelSection,
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    layers: Sequence[int] = DEFAULT_VISION_LAYERS,
+) -> list[float]:
+    """Train the CLIP tower on fresh synthetic scenes to predict, per patch, its grid cell's shape; returns losses.
+
+    Every patch token at each of `layers` (hidden-state indices, VCE's anchor and reference layers) learns the
+    colour, shape, size, area and cell of the shape in its cell, and their mean the image's shape count,
+    background and texture: the visual vocabulary a pretrained CLIP brings to LLaVA. The heads are discarded.
+    """
+    if steps == 0:
+        return []
+    tower = model.model.vision_tower
+    side = tiny.image_size // tiny.patch_size
+    with torch.no_grad():
+        positions = tower.embeddings.position_embedding.weight
+        positions[0].zero_()  # the CLS token
+        positions[1:] = sincos_positions(side, tiny.vision_hidden)
+    generator = SyntheticShapes(VISION_WARMUP_SEED + seed, tiny.image_size, stream="instruct")
+    cells = patch_cells(tiny.image_size, tiny.patch_size)
+    heads = VisionWarmupHeads(tiny.vision_hidden, len(layers), cell_pooling(cells))
+    params = [*tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    tower.train()
+    losses: list[float] = []
+    for step in range(steps):
+        scenes = [dense_scene(generator, step * batch_size + i) for i in range(batch_size)]
+        targets = scene_targets(scenes, cells)
+        hidden = tower(scene_pixels(generator, scenes), output_hidden_states=True).hidden_states
+        loss = sum(heads.loss(level, hidden[layer][:, 1:], targets) for level, layer in enumerate(layers))
+        loss = loss / len(layers)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("tiny vision warm-up step %d/%d loss %.3f", step + 1, steps, losses[-1])
+    tower.eval()
+    return losses
+
+
+# Written beside the weights: the digest of everything the tiny base was built from, so a base built from
+# another recipe (tiny sizes, warm-up steps, texts, VCE layers or seed) is rebuilt instead of reused.
+RECIPE_FILE = "duet_tiny_recipe.json"
+RECIPE_VERSION = 2  # bumped when the build itself changes (2: the vision tower is warmed up)
+
+
+def tiny_recipe(tiny: TinyModelSection, texts: Sequence[str], seed: int, vision_layers: Sequence[int]) -> str:
+    """Digest of what a tiny base is built from."""
+    payload = {"version": RECIPE_VERSION, "tiny": tiny.model_dump(mode="json"), "seed": seed,
+               "vision_layers": list(vision_layers), "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def built_recipe(path: str | Path) -> str | None:
+    """The recipe digest a tiny base at `path` was built from; None when it has none (another build)."""
+    try:
+        return json.loads((Path(path) / RECIPE_FILE).read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_tiny_checkpoint(
-    tiny: TinyModelSection, path: str | Path, texts: Sequence[str] = (), seed: int = 0
+    tiny: TinyModelSection,
+    path: str | Path,
+    texts: Sequence[str] = (),
+    seed: int = 0,
+    vision_layers: Sequence[int] = DEFAULT_VISION_LAYERS,
 ) -> str:
-    """Build, warm up (tiny.warmup_steps on `texts`) and save a tiny LLaVA checkpoint with its processor."""
+    """Build, warm up (vision tower on its own scenes, LM on `texts`) and save a tiny LLaVA with its processor.
+
+    Written to a sibling folder first and moved into place, so a reader never sees half a checkpoint and a
+    base built from another recipe is replaced whole.
+    """
     path = Path(path)
     torch.manual_seed(seed)
     processor = build_processor(tiny, build_tokenizer(tiny.vocab_size, texts))
     model = LlavaForConditionalGeneration(tiny_llava_config(tiny, processor.tokenizer))
+    warm_up_vision_tower(model, tiny, tiny.vision_warmup_steps, seed, batch_size=tiny.vision_warmup_batch,
+                         lr=tiny.vision_warmup_lr, layers=vision_layers)
     warm_up_language_model(model, processor.tokenizer, list(texts), tiny.warmup_steps, seed)
     # Batched calls leave truncation/padding switched on in the fast tokenizer; never save them with it.
     processor.tokenizer.backend_tokenizer.no_truncation()
     processor.tokenizer.backend_tokenizer.no_padding()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    (staging / RECIPE_FILE).write_text(json.dumps({"recipe": tiny_recipe(tiny, texts, seed, vision_layers)}) + "\n")
+    replaced = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+    if path.exists():
+        path.rename(replaced)
+    staging.rename(path)
+    shutil.rmtree(replaced, ignore_errors=True)
     return str(path)

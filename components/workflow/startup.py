@@ -21,7 +21,7 @@ from components.layout import (
     split_uri,
 )
 from components.model.llava import local_checkpoint
-from components.model.tiny import save_tiny_checkpoint
+from components.model.tiny import built_recipe, save_tiny_checkpoint, tiny_recipe
 from components.quiet import quiet_driver
 from components.tracking.tracker import Tracker
 from components.train.settings import total_steps
@@ -77,17 +77,24 @@ def ensure_dataset(cfg: DuetConfig) -> dict[str, SplitResult]:
 
 
 def ensure_base_model(cfg: DuetConfig, splits: dict[str, SplitResult]) -> tuple[str, bool]:
-    """The base checkpoint directory and whether it already existed; `model.arch: tiny` is built when missing."""
+    """The base checkpoint directory and whether it already existed; `model.arch: tiny` is built when missing
+    or when the base there was built from another recipe (its sizes, warm-ups, texts, VCE layers or seed)."""
     if cfg.model.arch != "tiny" or storage.is_remote(cfg.model.checkpoint or ""):
         return local_checkpoint(cfg.model.checkpoint or "", cfg.storage), True
     path = storage.resolve(cfg.model.checkpoint or "")[1]
-    if os.path.isfile(os.path.join(path, "config.json")):
-        say(f"base model: {path} (reused)")
-        return path, True
     texts = _warmup_texts(cfg, splits)
-    say(f"base model: building the tiny LLaVA at {path} ({cfg.model.tiny.warmup_steps} warm-up steps on "
-        f"{len(texts)} texts)")
-    return save_tiny_checkpoint(cfg.model.tiny, path, texts, seed=cfg.run.seed), False
+    layers = [cfg.vce.anchor_layer, *cfg.vce.reference_layers]
+    recipe = tiny_recipe(cfg.model.tiny, texts, cfg.run.seed, layers)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if built_recipe(path) == recipe:
+            say(f"base model: {path} (reused)")
+            return path, True
+        say(f"base model: {path} was built from another recipe (model.tiny, the warm-up texts, the VCE layers "
+            "or run.seed changed); rebuilding it")
+    tiny = cfg.model.tiny
+    say(f"base model: building the tiny LLaVA at {path} (vision tower: {tiny.vision_warmup_steps} warm-up steps "
+        f"on its own scenes; language model: {tiny.warmup_steps} steps on {len(texts)} texts)")
+    return save_tiny_checkpoint(tiny, path, texts, seed=cfg.run.seed, vision_layers=layers), False
 
 
 def _warmup_texts(cfg: DuetConfig, splits: dict[str, SplitResult], limit: int = 4000) -> list[str]:

@@ -75,7 +75,7 @@ def example_grid(rows: pd.DataFrame, images: Mapping[str, bytes], path: str | Pa
     """A PNG grid: one column per example of a task, one row per task, the answers under each image."""
     tasks = sorted(rows["task"].unique())
     columns = max(len(rows[rows["task"] == t]) for t in tasks)
-    fig = Figure(figsize=(3.2 * columns, 3.6 * len(tasks)), dpi=100)
+    fig = Figure(figsize=(3.2 * columns, 4.0 * len(tasks)), dpi=100)
     FigureCanvasAgg(fig)
     fig.suptitle(title)
     for r, task in enumerate(tasks):
@@ -92,6 +92,6 @@ def example_grid(rows: pd.DataFrame, images: Mapping[str, bytes], path: str | Pa
             )
             ax.set_xlabel("\n".join(textwrap.fill(line, _CELL_CHARS) for line in text.split("\n")), fontsize=7,
                           loc="left")
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.0)  # room for the answers under each image above the next row's titles
     fig.savefig(path)
     return str(path)

@@ -223,9 +223,6 @@ def log_pyfunc(cfg: DuetConfig, stage2_artifact_uri: str, run_id: str, artifact_
             run_id, artifact_path, str(code), artifacts=artifacts,  # type: ignore[arg-type]  # models from code
             pip_requirements=pinned_requirements(),
             code_paths=[str(Path(components.__file__).resolve().parent)],
+            signature=signature(cfg.eval.max_new_tokens),  # given, so MLflow does not try type hints and warn
         )
-    with tracker.as_default():
-        # The model's files live under its logged-model record, which set_signature reaches by id.
-        model_id = mlflow.models.get_model_info(model_uri).model_id
-        mlflow.models.set_signature(f"models:/{model_id}", signature(cfg.eval.max_new_tokens))
     return model_uri

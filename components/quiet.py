@@ -57,6 +57,18 @@ def quiet_ray_data() -> None:
     log_once("ray_data_progress_manager_disabled")
 
 
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a warning for
+# every model built, about library internals no user can act on.
+_PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+
+
+def quiet_model_worker() -> None:
+    """A Ray worker that loads a model to generate (an evaluation replica): no weight-loading bar in the
+    job log, and no warning about PEFT's use of a deprecated transformers attribute."""
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)
+
+
 def quiet_training_worker(use_gpu: bool) -> None:
     """A Ray Train worker, before DeepSpeed is imported there.
 
@@ -64,7 +76,8 @@ def quiet_training_worker(use_gpu: bool) -> None:
     worker); the Ray Data streams the worker iterates stay quiet; Ray Train's line per report (every
     metric of every step) goes; model loading draws no progress bar into the job log; DeepSpeed's
     "op built" notices go (its warnings do not); DeepSpeed's ZeRO-2 calls a torch collective under
-    its deprecated name, which warns on every rank and is nothing a user can act on.
+    its deprecated name, which warns on every rank and is nothing a user can act on; nor is PEFT's read
+    of a deprecated transformers attribute.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     quiet_ray_data()
@@ -74,3 +87,4 @@ def quiet_training_worker(use_gpu: bool) -> None:
     hf_logging.disable_progress_bar()
     logging.getLogger().addFilter(lambda record: not _BUILD_NOTICE.match(record.getMessage()))
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -108,11 +109,24 @@ class Registry:
         safe = {k: redact(str(v)) for k, v in tags.items() if not is_secret_name(k)}
         with self.tracker.as_default():
             try:
-                return mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, tags=safe)
+                return mlflow.register_model(self._model_source(run, artifact_path), name, tags=safe)
             except MlflowException as exc:
                 raise RegistryError(
                     f"cannot register runs:/{run_id}/{artifact_path} as {name!r}: {redact(exc.message)}"
                 ) from None
+
+    def _model_source(self, run: Run, artifact_path: str) -> str:
+        """``models:/ID`` of the newest model logged by the run under `artifact_path` (MLflow 3 keeps a
+        model's files in its logged-model record, and registering ``runs:/`` would warn and look it up),
+        else ``runs:/RUN/PATH`` for a model logged among the run's artifacts."""
+        found = self.client.search_logged_models(
+            [run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{artifact_path}'",
+            order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1,
+        )
+        if found:
+            return f"models:/{found[0].model_id}"
+        return f"runs:/{run.info.run_id}/{artifact_path}"
 
     # ------------------------------------------------------------ promotion
 

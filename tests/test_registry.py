@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import uuid
@@ -70,9 +71,14 @@ def _alias_version(reg: Registry) -> str | None:
     return champion.version if champion else None
 
 
-def test_register_carries_lineage_and_metrics_and_serves_by_alias(setup: Setup) -> None:
+def test_register_carries_lineage_and_metrics_and_serves_by_alias(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
     reg = _registry(setup)
-    version = reg.register(setup.run_id)  # metrics from the run; score derived from iou and f1
+    with caplog.at_level(logging.WARNING):
+        version = reg.register(setup.run_id)  # metrics from the run; score derived from iou and f1
+    assert version.source.startswith("models:/m-"), version.source  # the logged model, by id
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
     tags = version.tags
     assert tags[TAG_SOURCE_RUN] == setup.run_id
     assert tags[TAG_PARENT_STAGE_RUN] == setup.stage1_id

@@ -59,7 +59,7 @@ class Generator:
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
         for row, ids in enumerate(prompts):
-            input_ids[row, length - len(ids):] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+            input_ids[row, length - len(ids):] = torch.tensor(np.asarray(ids, dtype=np.int64))  # a copy: Ray's are read-only
             mask[row, length - len(ids):] = 1
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         arrays = [np.asarray(a, dtype=np.uint8) for a in images if len(a)]

@@ -54,6 +54,7 @@ from components.evaluate.prompts import (
 )
 from components.evaluate.score import TEXT_COLUMNS, EvalResult, score_rows
 from components.model.artifact import check_compatible
+from components.quiet import quiet_model_worker
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class GeneratorActor:
 
     def __init__(self, config: dict[str, Any], model_source: str | None, processor_dir: str,
                  max_new_tokens: int, batch_size: int, device: str) -> None:
+        quiet_model_worker()
         self.generator = Generator(config_from_dict(config), model_source, processor_dir, device)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size

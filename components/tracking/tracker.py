@@ -35,7 +35,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
 from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
@@ -411,7 +411,7 @@ class Tracker:
     def log_pyfunc(
         self, run_id: str, name: str, python_model: mlflow.pyfunc.PythonModel, *,
         artifacts: Mapping[str, str] | None = None, pip_requirements: Sequence[str] | None = None,
-        code_paths: Sequence[str] | None = None,
+        code_paths: Sequence[str] | None = None, signature: ModelSignature | None = None,
     ) -> str:
         """Log a pyfunc model under a run and return its ``runs:/RUN/NAME`` URI for registration.
 
@@ -430,5 +430,6 @@ class Tracker:
                 artifacts=dict(artifacts) if artifacts else None,
                 pip_requirements=list(pip_requirements) if pip_requirements is not None else None,
                 code_paths=list(code_paths) if code_paths else None,
+                signature=signature,
             )
         return f"runs:/{run_id}/{name}"

@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python pipelines/full.py --config pipelines/configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow"

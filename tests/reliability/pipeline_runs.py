@@ -25,8 +25,9 @@ def pretrain_command(work: Path) -> list[str]:
         *[f"--set={o}" for o in (
             f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
             f"scaling.storage_path={work}/runs", "data.num_records=80", "data.caption_records=64",
-            "data.records_per_shard=32", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "stage1.global_batch=8",
-            "stage1.micro_batch=4", f"stage1.max_steps={STEPS}", "stage1.checkpoint_every=2",
+            "data.records_per_shard=32", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0",
+            "stage1.global_batch=8", "stage1.micro_batch=4", f"stage1.max_steps={STEPS}", "stage1.checkpoint_every=2",
+            "stage1.log_every=1",  # the tests read every step's progress line
             "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "data.preprocess_num_cpus=0.25",
         )],
     ]

@@ -21,6 +21,7 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,6 +167,17 @@ def build_tiny_processor(tiny: TinyModelSection, path: str | Path, corpus: Itera
     return str(path)
 
 
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule: Any,
+                    params: Sequence[torch.nn.Parameter]) -> float:
+    """One warm-up update (gradients clipped to norm 1); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 def warm_up_language_model(
     model: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerFast,
@@ -192,12 +204,7 @@ def warm_up_language_model(
         )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(loss, optimizer, schedule, params))
         if step % 50 == 0 or step == steps - 1:
             log.info("tiny LM warm-up step %d/%d loss %.3f", step + 1, steps, losses[-1])
     model.eval()
@@ -394,13 +401,7 @@ def warm_up_vision_tower(
         targets = scene_targets(scenes, cells)
         hidden = tower(scene_pixels(generator, scenes), output_hidden_states=True).hidden_states
         loss = sum(heads.loss(level, hidden[layer][:, 1:], targets) for level, layer in enumerate(layers))
-        loss = loss / len(layers)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(loss / len(layers), optimizer, schedule, params))
         if step % 50 == 0 or step == steps - 1:
             log.info("tiny vision warm-up step %d/%d loss %.3f", step + 1, steps, losses[-1])
     tower.eval()

@@ -423,7 +423,9 @@ class Tracker:
         model = self.client.create_logged_model(
             run.info.experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params)
         )
-        with self.as_default():
+        with self.as_default(), warnings.catch_warnings():
+            # The signature is given; an input example would run the model at logging time, so none is.
+            warnings.filterwarnings("ignore", message="An input example was not provided", category=UserWarning)
             Model.log(
                 artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
                 python_model=python_model,

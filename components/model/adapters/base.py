@@ -2,10 +2,14 @@
 
 Each method is a `LoraConfig` subclass (`CustomLoraConfig`) that registers its own layer class
 through PEFT's extension point (`LoraConfig._register_custom_module`), so `get_peft_model`,
-`save_pretrained` (only `lora_`-prefixed tensors, safetensors) and
-`PeftModel.from_pretrained(base, path, config=...)` work unchanged; and a layer
-(`InputDependentLoraLayer`) whose update depends on the input and therefore cannot be merged
-into W. A new method is one module in this package plus one line in `apply.py`.
+`save_pretrained` (only `lora_`-prefixed tensors, safetensors) and `PeftModel.from_pretrained(base, path)`
+(with or without `config=`: `loading.py` makes PEFT's plain path read `adapter_method`) work
+unchanged; and a layer (`InputDependentLoraLayer`) whose update depends on the input and therefore
+cannot be merged into W. A new method is one module in this package plus one line in `apply.py`.
+
+Mixed-adapter batches (`model(x, adapter_names=[...])`, also through `generate`) work as for PEFT's
+LoRA: PEFT checks the names against each layer's `lora_A` keys, so every adapter a layer holds has an
+entry there (a parameterless `AdapterSlot` where the method has no single A matrix).
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ class CustomLoraConfig(LoraConfig):
         """Rebuild this config class from a local adapter directory written by `save_pretrained`.
 
         PEFT's own loader maps `peft_type: LORA` to plain `LoraConfig` and drops the extra
-        fields, which would silently turn the adapter into a plain LoRA.
+        fields, which would silently turn the adapter into a plain LoRA; `loading.py` sends PEFT's
+        plain loaders here for folders that name an `adapter_method`.
         """
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         file = folder / CONFIG_FILE
@@ -109,6 +114,19 @@ class CustomLoraConfig(LoraConfig):
         if unknown:
             warnings.warn(f"{file}: ignoring keys {unknown} unknown to {cls.__name__}", stacklevel=2)
         return cls(**{k: v for k, v in saved.items() if k in known}, **kwargs)
+
+
+class AdapterSlot(nn.Module):
+    """A parameterless `lora_A` entry for a method without a single A matrix (Dual-LoRA has S and T).
+
+    PEFT finds which adapters a layer holds from the keys of `lora_A` (the mixed-batch name check,
+    `scale_layer`), so the entry must exist; it holds nothing, so saved files do not change.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "this lora_A entry only records the adapter's name; the layer computes its own update"
+        )
 
 
 class InputDependentLoraLayer(nn.Module, LoraLayer):
@@ -186,11 +204,15 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
         dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
         self._create_adapter(adapter_name, r, config)
+        if adapter_name not in self.lora_A:
+            self.lora_A[adapter_name] = AdapterSlot()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        if adapter_name in self.lora_A:  # an AdapterSlot: lora_A is not among this method's containers
+            del self.lora_A[adapter_name]
         self._caches.pop(f"stacked:{adapter_name}", None)
 
     def _rank(self, config: CustomLoraConfig, r: int) -> int:
@@ -264,14 +286,21 @@ class InputDependentLoraLayer(nn.Module, LoraLayer):
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
-        """Per-sample adapters (`adapter_names=[...]` at inference), `__base__` meaning none."""
+        """Per-sample adapters (`adapter_names=[...]` at inference), `__base__` meaning none.
+
+        Each row gets the computation `forward` does with that adapter alone active: the delta is
+        added before casting back to the base output's dtype, as there, so half-precision rows round
+        the same way (only the sub-batch's GEMM shapes differ).
+        Rows naming an adapter this layer does not hold get the base output (PEFT's rule: not every
+        layer need hold every adapter; PEFT checks the names exist somewhere in the model).
+        """
         result = self.base_layer(x, *args, **kwargs)
-        for name in set(adapter_names):
+        for name in dict.fromkeys(adapter_names):
             if name == "__base__" or not self._holds(name):
                 continue
             rows = [i for i, n in enumerate(adapter_names) if n == name]
             sub = self._cast_input_dtype(x[rows], self._adapter_dtype(name))
-            result[rows] += self._adapter_delta(name, sub).to(result.dtype)
+            result[rows] = (result[rows] + self._adapter_delta(name, sub)).to(result.dtype)
         return result
 
     # -- merging is impossible --------------------------------------------------------------

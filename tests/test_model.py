@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import DuetConfig, load_config
+from components.config import AdapterSection, DuetConfig, load_config
 from components.errors import ArtifactError
 from components.model.adapters.apply import is_adapter_param
 from components.model.artifact import check_compatible, load_stage_model, save_stage_artifact
@@ -63,6 +63,9 @@ def test_stage1_gradients_reach_only_projector_and_vce(tiny_cfg: DuetConfig) -> 
 
 
 def test_stage2_adds_the_adapter_on_language_q_v_only(tiny_cfg: DuetConfig) -> None:
+    # The paper's targets (the config default); the demo config widens them to every linear.
+    paper = AdapterSection().target_modules
+    tiny_cfg = tiny_cfg.model_copy(update={"adapter": tiny_cfg.adapter.model_copy(update={"target_modules": paper})})
     model = build_model(tiny_cfg, stage=2)
     grads = _grads(model)
     adapter = {n for n in grads if is_adapter_param(n)}

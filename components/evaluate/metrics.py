@@ -48,16 +48,19 @@ SEED-Bench -> ``accuracy``
     outside the option letters (A-D) is unparseable.
 
 MMBench -> ``accuracy`` (circular), ``vanilla_accuracy``
-    Option extraction follows lmms-eval's rule-based prefetch (``can_infer``):
-    (1) among whitespace-separated tokens exactly one is a bare option letter
-    ("B", "Answer: B") -- skipped when the token "A" occurs in an answer of more
-    than three tokens, where it may be an article; (2) exactly one token is a
-    letter wrapped as ``B.``, ``B,``, ``B:``, ``B)``, ``B).``, ``(B)``, ``(B).``,
-    ``:B``, ``:B,`` ...; (3) exactly one option's text occurs in the lower-cased
-    answer. Otherwise unparseable (lmms-eval would then ask a judge model; here
-    the answer is wrong). Circular evaluation: the rotations of a question share a
-    ``question_id``; the question is correct only if every rotation is.
-    ``circular_rotations`` builds the rotated option sets.
+    Option extraction follows lmms-eval's rule-based prefetch (``can_infer``); the
+    rules are listed in ``extract_choice``. In short: exactly one of the letters
+    A-E (upper case, whatever the question's options) as a whitespace-separated
+    token, bare ("B", "Answer: B"; skipped when the token "A" occurs among more
+    than three tokens, where it may be an article) or else in the first wrapped
+    form (``B.``, ``B,``, ``B:``, ``B)``, ``(B)``, ``:B`` ...) that has exactly
+    one; failing that, exactly one option's text in the lower-cased answer. A
+    decided letter outside the options ("E" of four) is kept and scores wrong.
+    Anything else ("B E", "B or C", two option texts) is undecided: lmms-eval
+    would ask a judge model, duet has none, so it is unparseable and wrong.
+    Circular evaluation: the rotations of a question share a ``question_id``; the
+    question is correct only if every rotation is. ``circular_rotations`` builds
+    the rotated option sets.
 
 POPE -> ``accuracy``, ``precision``, ``recall``, ``f1`` (positive = "yes")
     lmms-eval's ``pope_process_results`` lower-cases and strips the answer and
@@ -260,35 +263,81 @@ def seed_accuracy(predictions: Sequence[Any], answers: Sequence[str], letters: s
     return {"accuracy": 100 * correct / n, "n": float(n), "unparseable": float(choices.count(None))}
 
 
+# Upstream's letter step looks at the letters A-E whatever the question's options are (num_choice=5).
+_CANDIDATE_LETTERS = "ABCDE"
+# Upstream's marker of a failed judge request; an answer holding it skips the letter step.
+_API_FAILURE = "Failed to obtain answer via API"
+# Wrapped letter forms (prefix, suffix), tried in this order; the first form naming exactly one letter wins.
 _WRAPPERS = [
     ("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
     (":", ""), (":", ","), (":", "."), (":", ")"), (":", ")."),
 ]
 
 
-def _letter_token(tokens: list[str], letters: Sequence[str], prefix: str = "", suffix: str = "") -> str | None:
-    hits = [c for c in letters if prefix + c + suffix in tokens]
+def _single_letter(tokens: list[str], prefix: str = "", suffix: str = "") -> str | None:
+    """The one candidate letter written as a ``prefix + letter + suffix`` token; None for none or several."""
+    hits = [c for c in _CANDIDATE_LETTERS if prefix + c + suffix in tokens]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _letter_in_answer(answer: str) -> str | None:
+    """Letter step of ``extract_choice`` (upstream ``can_infer_option``)."""
+    if _API_FAILURE in answer:
+        return None
+    tokens = answer.split()
+    bare = _single_letter(tokens)
+    # With more than three tokens a bare "A" may be the article, so the bare step is skipped altogether.
+    if bare is not None and not ("A" in tokens and len(tokens) > 3):
+        return bare
+    for prefix, suffix in _WRAPPERS:
+        wrapped = _single_letter(tokens, prefix, suffix)
+        if wrapped is not None:
+            return wrapped
+    return None
+
+
+def _option_text_in_answer(answer: str, options: Mapping[str, str]) -> str | None:
+    """Text step of ``extract_choice`` (upstream ``can_infer_text``): the one option whose text the answer holds."""
+    lowered = answer.lower()
+    hits = [k for k, v in options.items() if str(v).strip() and str(v).lower() in lowered]
     return hits[0] if len(hits) == 1 else None
 
 
 def extract_choice(prediction: Any, options: Mapping[str, str]) -> str | None:
-    """Option letter named by a free-form answer (MMBench rules in the module docstring), or None."""
+    """Option letter a free-form MMBench answer names, or None when it names none or is ambiguous.
+
+    Follows lmms-eval's rule-based prefetch, ``MMBench_Evaluator.can_infer``, so that duet's
+    MMBench numbers are comparable with lmms-eval's:
+
+    1. The answer is stripped; a non-string or empty answer is unparseable.
+    2. Letter step (``can_infer_option``). The candidates are the upper-case letters A-E, whatever
+       letters the question has; tokens are the answer split on whitespace, punctuation kept, case
+       sensitive ("b" and "**B**" are not letters). Counting distinct letters, not occurrences:
+       a. if exactly one candidate is a bare token ("B", "Answer: B") it is the answer -- unless
+          the token "A" occurs among more than three tokens ("A dog is ..."), where the bare
+          step is skipped because "A" may be the article;
+       b. otherwise each wrapped form of ``_WRAPPERS`` (``B.``, ``B,``, ``B:``, ``B)``, ``B).``,
+          ``(B)``, ``(B).``, ``:B``, ``:B,``, ...) is tried in order and the first naming exactly
+          one letter wins ("B, no: A." -> A, since ``A.`` is tried before ``B,``);
+       c. when every form names no letter or several ("B E", "B or C") the step decides nothing.
+       An answer holding "Failed to obtain answer via API" skips this step.
+    3. Text step (``can_infer_text``), when the letter step decided nothing: the option whose
+       lower-cased text is a substring of the lower-cased answer, if exactly one option's is.
+    4. Anything else is undecided.
+
+    A decided letter may lie outside the question's options ("E" on a four-option question); it
+    is returned and scores as wrong, as upstream. Where duet differs: lmms-eval hands an undecided
+    answer to a judge model (its judge-free ``mmbench_en_dev_static`` task to the looser
+    ``extract_mcq_answer``), duet has none, so undecided returns None (unparseable, wrong); blank
+    option texts are skipped in the text step (upstream would count an empty text as contained in
+    every answer). VLMEvalKit's ``can_infer_option``, from which lmms-eval's derives, adds rules
+    lmms-eval does not have and duet does not follow: punctuation replaced by spaces, refusal
+    phrases and a "Z" letter for "none of the options", and a length limit on the text step.
+    """
     text = _as_text(prediction).strip()
     if not text:
         return None
-    letters = sorted(options)
-    tokens = text.split()
-    if not ("A" in tokens and len(tokens) > 3):
-        letter = _letter_token(tokens, letters)
-        if letter:
-            return letter
-    for prefix, suffix in _WRAPPERS:
-        letter = _letter_token(tokens, letters, prefix, suffix)
-        if letter:
-            return letter
-    lowered = text.lower()
-    hits = [k for k in letters if str(options[k]).strip() and str(options[k]).lower().strip() in lowered]
-    return hits[0] if len(hits) == 1 else None
+    return _letter_in_answer(text) or _option_text_in_answer(text, options)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import reprlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -353,6 +354,101 @@ class RegistrySection(Section):
     min_margin: Annotated[float, Field(ge=0)] = 0.0
 
 
+# Study and variant names become trial names, MLflow run names and folder names.
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _STUDY_NAME.fullmatch(name):
+        raise ValueError(f"{kind} name {_echo(name, 80)} must be 1-64 letters, digits, '_', '.' or '-' "
+                         "(it names trials, runs and folders)")
+
+
+class StudySpec(Section):
+    """One method study: each variant (config overrides) trained once per seed, compared with `reference`.
+
+    Only what the study itself can check is checked here; whether each variant's overrides give a
+    valid config needs the whole config and is checked by components/study/spec.py.
+    """
+
+    description: str | None = None
+    seeds: int = Field(3, description="Trials per variant, with run.seed, run.seed + 1, ...")
+    reference: str = Field(description="The variant every other one is compared with (e.g. LoRA at the same rank).")
+    trainable: Literal["all", "adapter_only"] = Field(
+        "all", description="Stage 2 trains adapter + projector + VCE (all), or the adapter alone (paper Table 5)."
+    )
+    variants: dict[str, dict[str, Any]] = Field(
+        description="Variant name -> overrides as dotted keys (adapter.r: 64), applied as --set would be."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _at_least_one_seed(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1: each variant is trained once per seed (e.g. seeds: 3)")
+        return value
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variant_without_overrides(cls, value: Any) -> Any:
+        """`base:` alone (YAML null) is a variant that trains the config as it is."""
+        if isinstance(value, dict):
+            return {name: {} if overrides is None else overrides for name, overrides in value.items()}
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_declared(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not value:
+            raise ValueError("no variants: declare at least one, e.g. variants: {lora: {adapter.type: lora}}")
+        for name, overrides in value.items():
+            _check_name("variant", name)
+            for key, setting in overrides.items():
+                where = f"variant {name!r}, key {_echo(key, 80)}"
+                if not _OVERRIDE_KEY.fullmatch(key):
+                    raise ValueError(f"{where}: an override key is a dotted config key, e.g. adapter.r")
+                if key == "run.seed" or (key == "run" and isinstance(setting, dict) and "seed" in setting):
+                    raise ValueError(f"{where}: seeds belong to the study, not to a variant; remove it and set "
+                                     "the study's seeds (trials use run.seed, run.seed + 1, ...)")
+                if key.split(".")[0] == "study":
+                    raise ValueError(f"{where}: a variant cannot change the study section itself")
+        return value
+
+    @model_validator(mode="after")
+    def _reference_is_a_variant(self) -> StudySpec:
+        if self.reference not in self.variants:
+            raise ValueError(f"reference {self.reference!r} is not one of the variants "
+                             f"({', '.join(self.variants)}): name the variant the others are compared with")
+        return self
+
+
+class StudySection(Section):
+    """Method studies (README "Method studies"); none by default."""
+
+    name: str | None = Field(None, description="The study pipelines/study.py runs when --study is not given.")
+    studies: dict[str, StudySpec] = Field(default_factory=dict)
+
+    @field_validator("studies", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("studies")
+    @classmethod
+    def _study_names(cls, value: dict[str, StudySpec]) -> dict[str, StudySpec]:
+        for name in value:
+            _check_name("study", name)
+        return value
+
+    @model_validator(mode="after")
+    def _name_is_declared(self) -> StudySection:
+        if self.name is not None and self.name not in self.studies:
+            declared = ", ".join(self.studies) or "none"
+            raise ValueError(f"study.name {self.name!r} is not a declared study (study.studies: {declared})")
+        return self
+
+
 class DuetConfig(Section):
     """The whole pipeline. Cross-section checks live here."""
 
@@ -370,6 +466,7 @@ class DuetConfig(Section):
     tune: TuneSection = TuneSection()
     eval: EvalSection = EvalSection()
     registry: RegistrySection = RegistrySection()
+    study: StudySection = StudySection()
 
     @model_validator(mode="before")
     @classmethod

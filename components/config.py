@@ -239,6 +239,10 @@ class StageSection(Section):
     )
     eval_batches: PositiveInt = Field(8, description="Micro-batches per worker in each validation pass.")
     log_every: PositiveInt = 1
+    trainable: Literal["all", "adapter_only"] = Field(
+        "all", description="Stage 2: adapter + projector + VCE (all), or the adapter alone with the projector and "
+                           "VCE frozen at their stage-1 weights (adapter_only, paper Table 5). Stage 1: all."
+    )
 
 
 def _stage1_default() -> StageSection:
@@ -381,6 +385,10 @@ class StudySpec(Section):
     variants: dict[str, dict[str, Any]] = Field(
         description="Variant name -> overrides as dotted keys (adapter.r: 64), applied as --set would be."
     )
+    figure: bool = Field(
+        False, description="Also draw Figure 5: the primary metric against trainable adapter MiB, one line per "
+                           "adapter type over its ranks, with error bars over seeds."
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -491,6 +499,13 @@ class DuetConfig(Section):
                     f"({workers}): every worker takes an equal share of each step's batch; choose a global batch "
                     f"that is a multiple of {workers}, e.g. {max(workers, stage.global_batch // workers * workers)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _stage1_trains_its_bridge(self) -> DuetConfig:
+        if self.stage1.trainable != "all":
+            raise ValueError("stage1.trainable must be 'all': stage 1 trains only the projector and VCE (there is no "
+                             "adapter yet); adapter_only is a stage-2 setting (stage2.trainable)")
         return self
 
     @model_validator(mode="after")

@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from components.config import AdapterSection, DuetConfig, load_config
 from components.errors import ArtifactError
 from components.model.adapters.apply import is_adapter_param
-from components.model.artifact import check_compatible, load_stage_model, save_stage_artifact
+from components.model.artifact import (
+    ARTIFACT_WEIGHTS,
+    check_compatible,
+    load_stage_model,
+    save_stage_artifact,
+)
 from components.model.llava import VCEProjector, projector_module
 from components.model.sizes import build_meta_model, component_sizes
 from components.model.stages import build_model, parameter_groups
@@ -77,6 +83,21 @@ def test_stage2_adds_the_adapter_on_language_q_v_only(tiny_cfg: DuetConfig) -> N
     groups = {g["name"]: g for g in parameter_groups(model, tiny_cfg.stage2)}
     assert groups["adapter"]["lr"] == tiny_cfg.stage2.adapter_lr
     assert groups["projector_vce"]["lr"] == tiny_cfg.stage2.lr
+
+
+def test_adapter_only_stage2_freezes_projector_and_vce_and_still_saves_them(tiny_cfg: DuetConfig,
+                                                                          tmp_path: Path) -> None:
+    cfg = tiny_cfg.model_copy(update={"stage2": tiny_cfg.stage2.model_copy(update={"trainable": "adapter_only"})})
+    model = build_model(cfg, stage=2)
+    grads = _grads(model)
+    assert grads and all(is_adapter_param(n) for n in grads), "only the adapter gets gradients"
+    assert not any(p.requires_grad for p in projector_module(model).parameters())
+    assert [g["name"] for g in parameter_groups(model, cfg.stage2)] == ["adapter"]
+    # The artifact still carries the (frozen) projector and VCE: stage 2's model is whole without stage 1.
+    save_stage_artifact(model, cfg, 2, str(tmp_path / "artifact"), data_digest="abc")
+    saved = load_file(str(tmp_path / "artifact" / ARTIFACT_WEIGHTS))
+    bridge = projector_module(model).state_dict()
+    assert saved.keys() == bridge.keys() and all(torch.equal(saved[k], bridge[k]) for k in saved)
 
 
 def test_adapter_at_init_keeps_stage1_outputs(tiny_cfg: DuetConfig) -> None:

@@ -47,6 +47,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def artifact_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """What a stage artifact holds: the trainable parameters plus the projector and VCE, which the artifact
+    carries even when stage 2 keeps them frozen (stage2.trainable: adapter_only)."""
+    prefix = _projector_prefix(model)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad or n.startswith(prefix)]
+
+
+def artifact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `artifact_parameters`, keyed by their full names."""
+    return {n: p.detach().cpu().contiguous() for n, p in artifact_parameters(model)}
+
+
 @dataclass(frozen=True)
 class ArtifactMeta:
     """What a stage artifact was trained with: checked before stage 2 builds on it.
@@ -118,11 +130,12 @@ def save_stage_artifact(
 ) -> str:
     """Write the stable stage layout: VCE + projector safetensors, PEFT adapter, resolved config, meta.
 
-    `state` may carry already-gathered trainable weights (ZeRO-3); by default they are read from `model`.
+    `state` may carry already-gathered weights (ZeRO-3, `artifact_state_dict`); by default they are read from
+    `model`.
     artifact.json is written last, so a folder with one is complete.
     """
     prefix = _projector_prefix(model)
-    full_state = state if state is not None else trainable_state_dict(model)
+    full_state = state if state is not None else artifact_state_dict(model)
     bridge = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
     if not bridge:
         raise RuntimeError("no projector/VCE weights to save: were they gathered from all ranks?")

@@ -40,7 +40,7 @@ def build_meta_model(cfg: DuetConfig, stage: int = 2) -> nn.Module:
         model = attach_vce(LlavaForConditionalGeneration(config), cfg.vce)
         if stage == 2:
             model = apply_adapter(model, cfg.adapter)
-    set_trainable(model, stage)
+    set_trainable(model, stage, cfg.stage(stage).trainable)
     return model
 
 

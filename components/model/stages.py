@@ -18,10 +18,16 @@ from components.model.artifact import load_projector_weights, local_artifact
 from components.model.llava import attach_vce, load_base_model, projector_module
 
 
-def set_trainable(model: nn.Module, stage: int) -> None:
-    """Freeze everything, then unfreeze the stage's set: projector + VCE, plus the adapter in stage 2."""
+def set_trainable(model: nn.Module, stage: int, trainable: str = "all") -> None:
+    """Freeze everything, then unfreeze the stage's set: projector + VCE, plus the adapter in stage 2.
+
+    `trainable="adapter_only"` (stage 2) leaves the projector and VCE frozen at their stage-1 weights,
+    as the paper's rank study (Table 5) trains them.
+    """
     for name, param in model.named_parameters():
         param.requires_grad = stage == 2 and is_adapter_param(name)
+    if stage == 2 and trainable == "adapter_only":
+        return
     for param in projector_module(model).parameters():
         param.requires_grad = True
 
@@ -37,7 +43,7 @@ def build_model(cfg: DuetConfig, stage: int, stage1_artifact: str | None = None,
             folder, _ = local_artifact(stage1_artifact, cfg.storage)
             load_projector_weights(model, folder, stage1_artifact)
         model = apply_adapter(model, cfg.adapter)
-    set_trainable(model, stage)
+    set_trainable(model, stage, cfg.stage(stage).trainable)
     if cfg.model.gradient_checkpointing:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -52,7 +58,10 @@ def parameter_groups(model: nn.Module, stage_cfg: StageSection) -> list[dict[str
         if not param.requires_grad:
             continue
         (adapter if is_adapter_param(name) else bridge).append(param)
-    groups = [{"name": "projector_vce", "params": bridge, "lr": stage_cfg.lr, "weight_decay": stage_cfg.weight_decay}]
+    groups = []
+    if bridge:  # empty when stage 2 trains the adapter alone (stage2.trainable: adapter_only)
+        groups.append({"name": "projector_vce", "params": bridge, "lr": stage_cfg.lr,
+                       "weight_decay": stage_cfg.weight_decay})
     if adapter:
         if stage_cfg.adapter_lr is None:
             raise ValueError(f"{stage_cfg.name}.adapter_lr is required when an adapter is trained (e.g. 2e-4)")

@@ -38,7 +38,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from components.config import StageSection, config_from_dict
 from components.data.dataset import make_collate
 from components.errors import DuetError
-from components.model.artifact import save_stage_artifact, trainable_state_dict
+from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
 from components.train.settings import VAL_MEASURED, LoopSettings, total_steps
@@ -199,14 +199,26 @@ def _validation_loss(engine: Any, dataset_name: str, plan: BatchPlan, collate: A
     return total / max(count, 1.0)
 
 
-def _gather_trainable(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Complete trainable weights on every rank; under ZeRO-3 they are gathered from their shards first."""
+def _group_rates(optimizer: Any) -> dict[str, float]:
+    """The current rate of each parameter group (`parameter_groups` names them); 0.0 for a group not trained."""
+    rates = {"lr_projector_vce": 0.0, "lr_adapter": 0.0}
+    for group in optimizer.param_groups:
+        if group.get("name") in ("projector_vce", "adapter"):
+            rates[f"lr_{group['name']}"] = float(group["lr"])
+        else:
+            raise KeyError(f"optimizer parameter group without a duet name: {sorted(group)}")
+    return rates
+
+
+def _gather_artifact_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Complete artifact weights (trainable + projector/VCE) on every rank; under ZeRO-3 gathered from their
+    shards first."""
     module = engine.module
     if zero_stage == 3:
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for _, p in artifact_parameters(module)]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return trainable_state_dict(module)
-    return trainable_state_dict(module)
+            return artifact_state_dict(module)
+    return artifact_state_dict(module)
 
 
 def train_loop_per_worker(raw: dict[str, Any]) -> None:
@@ -267,8 +279,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
             metrics = {
                 "step": step, "total_steps": steps, "epoch": (step - 1) // steps_per_epoch,
                 "loss": loss_mean,
-                "lr_projector_vce": optimizer.param_groups[0]["lr"],
-                "lr_adapter": optimizer.param_groups[-1]["lr"] if len(optimizer.param_groups) > 1 else 0.0,
+                **_group_rates(optimizer),
                 "tokens_per_s": tokens_total * world / max(elapsed, 1e-9),
                 "samples_per_s": samples_total * world / max(elapsed, 1e-9),
                 "step_time_s": elapsed,
@@ -289,7 +300,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
             window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
             if step >= steps or step % steps_per_epoch == 0:
                 break  # done, or the epoch's complete global batches are used up
-    state = _gather_trainable(engine, cfg.deepspeed.zero_stage)
+    state = _gather_artifact_state(engine, cfg.deepspeed.zero_stage)
     if rank == 0:
         save_stage_artifact(engine.module, cfg, settings.stage, settings.artifact_uri, settings.data_digest, state,
                             run_id=settings.run_id)

@@ -73,6 +73,11 @@ def best_config_path(cfg: DuetConfig) -> str:
     return os.path.join(cfg.run.work_dir, "sweeps", f"{cfg.run.name}-best.yaml")
 
 
+def study_dir(cfg: DuetConfig, study: str) -> str:
+    """Where a method study writes its table, CSV and figure (also logged to the study's parent run)."""
+    return os.path.join(cfg.run.work_dir, "studies", f"{cfg.run.name}-{study}")
+
+
 def evaluation_table_path(cfg: DuetConfig, name: str, digest: str) -> str:
     """The local per-sample table of one evaluation (also logged to its MLflow run)."""
     return os.path.join(cfg.run.work_dir, "eval", f"{name}-{digest}.csv")

@@ -13,6 +13,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -59,14 +61,14 @@ def quiet_ray_data() -> None:
 
 # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a warning for
 # every model built, about library internals no user can act on.
-_PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
 
 def quiet_model_worker() -> None:
     """A Ray worker that loads a model to generate (an evaluation replica): no weight-loading bar in the
     job log, and no warning about PEFT's use of a deprecated transformers attribute."""
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
 
 
 def quiet_training_worker(use_gpu: bool) -> None:
@@ -87,4 +89,21 @@ def quiet_training_worker(use_gpu: bool) -> None:
     hf_logging.disable_progress_bar()
     logging.getLogger().addFilter(lambda record: not _BUILD_NOTICE.match(record.getMessage()))
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+
+
+@contextmanager
+def quiet_tune() -> Iterator[None]:
+    """Ray Tune's console output off for one `Tuner.fit` (its experiment box, trial tables, results paths):
+    a study prints its own plan and table. Tune's legacy output engine at verbose=0 prints nothing; the
+    new engine still prints its header, so it is switched off (`RAY_AIR_NEW_OUTPUT=0`) while fit runs.
+    Trial errors still reach the caller in the result grid."""
+    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old

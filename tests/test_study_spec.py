@@ -68,8 +68,11 @@ def test_every_shipped_study_resolves(config: str, study: str) -> None:
 @pytest.mark.parametrize("study", STUDIES)
 def test_variants_are_the_config_with_their_overrides_given_as_set(config: str, study: str) -> None:
     cfg = load_config(CONFIGS / config)
-    for variant, overrides in cfg.study.studies[study].variants.items():
+    spec = cfg.study.studies[study]
+    for variant, overrides in spec.variants.items():
+        # The study's trainable set is one more override of every variant.
         as_set = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+        as_set.append(f"stage2.trainable={spec.trainable}")
         expected = load_config(CONFIGS / config, as_set).model_dump(exclude={"study"})
         assert resolve_study(cfg, study).variants[variant].model_dump(exclude={"study"}) == expected
 
@@ -258,3 +261,19 @@ def test_a_variant_without_overrides_trains_the_config_as_it_is() -> None:
     assert resolved.variants["base"].model_dump(exclude={"study"}) == cfg.model_dump(exclude={"study"})
     assert resolved.variants["lora"].adapter.type == "lora" and cfg.adapter.type == "dual_lora"
     assert len(vce_groups(resolved)) == 2  # one stage 1 per seed, shared by both variants
+
+
+def test_the_study_trainable_set_reaches_every_variant_and_no_variant_may_set_it() -> None:
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert {v.stage2.trainable for v in resolve_study(cfg, "rank").variants.values()} == {"adapter_only"}
+    assert {v.stage2.trainable for v in resolve_study(cfg, "methods").variants.values()} == {"all"}
+    tree = raw("demo.yaml")
+    tree["study"]["studies"]["rank"]["variants"]["lora_r4"]["stage2.trainable"] = "all"
+    with pytest.raises(ConfigError, match=r"variant 'lora_r4': stage2.trainable is set for the whole study by "
+                                          r"study.studies.rank.trainable"):
+        resolve_study(config_from_dict(tree), "rank")
+
+
+def test_stage1_cannot_be_adapter_only() -> None:
+    with pytest.raises(ConfigError, match="stage1.trainable must be 'all'"):
+        load_config(CONFIGS / "demo.yaml", ["stage1.trainable=adapter_only"])

@@ -66,7 +66,13 @@ def resolve_study(cfg: DuetConfig, name: str | None = None) -> ResolvedStudy:
     spec = studies[chosen]
     # A trial trains one variant; the declarations of every study are not part of what it trains.
     base = cfg.model_dump(mode="json", exclude={"study"})
-    variants = {variant: _variant_config(base, chosen, variant, overrides)
+    for variant, overrides in spec.variants.items():
+        if "stage2.trainable" in overrides:
+            raise ConfigError(f"study {chosen!r}, variant {variant!r}: stage2.trainable is set for the whole study by "
+                              f"study.studies.{chosen}.trainable; remove it from the variant")
+    # The study's trainable set is part of every variant's stage 2 (and so of its step hash).
+    fixed = {"stage2.trainable": spec.trainable}
+    variants = {variant: _variant_config(base, chosen, variant, {**overrides, **fixed})
                 for variant, overrides in spec.variants.items()}
     first = cfg.run.seed
     trials = tuple(

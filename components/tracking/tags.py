@@ -43,6 +43,12 @@ TAG_SWEEP_BEST_TRIAL = "duet.sweep.best_trial"
 TAG_SWEEP_BEST_RUN = "duet.sweep.best_run_id"
 TAG_SWEEP_EXPERIMENT_PATH = "duet.sweep.experiment_path"
 
+# Method studies (pipelines/study.py): on the study's parent run and on each trial run.
+TAG_STUDY = "duet.study"
+TAG_STUDY_RUN = "duet.study.run_name"  # the run.name a study ran under: with TAG_STUDY, finds its parent run
+TAG_STUDY_VARIANT = "duet.study.variant"
+TAG_STUDY_SEED = "duet.study.seed"
+
 # Model versions in the registry.
 TAG_SOURCE_RUN = "duet.source_run_id"
 TAG_FORCED = "duet.forced"

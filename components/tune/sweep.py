@@ -29,6 +29,7 @@ from components.config import DuetConfig, config_from_dict, dump_config
 from components.console import say
 from components.errors import DuetError
 from components.layout import best_config_path, storage_root, sweep_artifact_root, trial_artifact_uri
+from components.quiet import quiet_ray_data
 from components.tracking.tags import TAG_SWEEP_BEST_RUN, TAG_SWEEP_BEST_TRIAL, TAG_SWEEP_EXPERIMENT_PATH
 from components.tracking.tracker import Tracker
 from components.train.settings import total_steps
@@ -104,6 +105,7 @@ def run_trial(
     reaper: Any,
 ) -> None:
     """One Tune trial: the base config plus the sampled point, trained as a stage-2 run."""
+    quiet_ray_data()  # this process builds the trial's datasets: no per-block progress bars in the job log
     cfg = apply_best(config_from_dict(base), {k: config[k] for k in SEARCH_PARAMS if k in config})
     trial_id = tune.get_context().get_trial_id()
     run_stage(
@@ -114,7 +116,7 @@ def run_trial(
 
 
 @contextmanager
-def _trials_in_working_dir() -> Iterator[None]:
+def trials_in_working_dir() -> Iterator[None]:
     """Trials start where other Ray workers do (relative config paths keep their meaning), not in Tune's trial dir.
 
     Tune hands this switch to the trial processes it starts during `fit`.
@@ -193,7 +195,7 @@ def sweep(
         run_config=tune.RunConfig(name=experiment, storage_path=fs_root, storage_filesystem=fs, callbacks=[ledger]),
     )
     try:
-        with _trials_in_working_dir():
+        with trials_in_working_dir():
             grid = tuner.fit()
     finally:
         ledger.close()

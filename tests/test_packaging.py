@@ -102,7 +102,10 @@ def test_logged_model_loads_in_a_fresh_process_and_answers_as_evaluated(
 
 
 @pytest.mark.slow
-def test_package_signature_requirements_and_input_checks(logged: Logged) -> None:
+def test_package_signature_requirements_and_input_checks(logged: Logged, monkeypatch: pytest.MonkeyPatch) -> None:
+    # set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment: restored after this test, so
+    # later tests (and the processes they start) do not log into this test's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(logged.tracking_uri)
     info = mlflow.models.get_model_info(logged.model_uri)
     assert info.signature.inputs.input_names() == ["image", "prompt"]

@@ -84,8 +84,8 @@ def run_study(cfg: DuetConfig, name: str | None = None) -> StudyOutcome:
             f"{len(pending)} to train")
         errors = _run_trials(ws.cfg, pending, parent) if pending else {}
         trials, missing = [], []
-        for plan in plans:
-            run = find_finished(tracker, plan)
+        for plan in plans:  # the trials this invocation trained are looked up once they have run
+            run = finished[plan.name] or find_finished(tracker, plan)
             if run is None:
                 missing.append(plan.name)
             else:

@@ -385,6 +385,10 @@ class StudySpec(Section):
     variants: dict[str, dict[str, Any]] = Field(
         description="Variant name -> overrides as dotted keys (adapter.r: 64), applied as --set would be."
     )
+    compare_with: dict[str, str] = Field(
+        default_factory=dict, description="Variant -> the variant it is compared with instead of `reference` "
+                                          "(e.g. dual_lora_r16: lora_r16, LoRA at the same rank)."
+    )
     figure: bool = Field(
         False, description="Also draw Figure 5: the primary metric against trainable adapter MiB, one line per "
                            "adapter type over its ranks, with error bars over seeds."
@@ -428,6 +432,10 @@ class StudySpec(Section):
         if self.reference not in self.variants:
             raise ValueError(f"reference {self.reference!r} is not one of the variants "
                              f"({', '.join(self.variants)}): name the variant the others are compared with")
+        unknown = [name for pair in self.compare_with.items() for name in pair if name not in self.variants]
+        if unknown:
+            raise ValueError(f"compare_with names {', '.join(map(repr, unknown))}, not a variant "
+                             f"({', '.join(self.variants)})")
         return self
 
 

@@ -222,3 +222,17 @@ def test_figure_5_stays_linear_for_a_narrow_size_range_and_refuses_merged_points
     clash = [*rank_sweep(), Trial("lora_r64_vce", 0, {"score": 1.0}, 40.0, method="lora", rank=64)]
     with pytest.raises(ValueError, match="method 'lora' has two variants at rank 64"):
         draw_figure_5(clash)
+
+
+def test_compare_with_gives_a_variant_its_own_reference() -> None:
+    # Dual-LoRA r16 against LoRA r16 (same rank), the LoRA rows against the study's reference LoRA r8.
+    table = summarise(rank_sweep(), "lora_r8", compare_with={"dual_lora_r16": "lora_r16"})
+    dual, lora16 = table.row("dual_lora_r16"), table.row("lora_r16")
+    assert dual.compared_with == "lora_r16" and lora16.compared_with == "lora_r8"
+    assert dual.metrics["score"].relative_change == pytest.approx(100 * 1.0 / lora16.metrics["score"].mean)
+    assert dual.comparisons["score"].wins == 2 and dual.comparisons["score"].n_paired == 2
+    assert table.row("dual_lora_r8").compared_with == "lora_r8"  # not named: the study's reference
+    markdown = to_markdown(table)
+    assert "| vs reference (score) |" in markdown and "vs lora_r16: wins 2/2" in markdown
+    with pytest.raises(ValueError, match="compare_with names variants with no trials: nope"):
+        summarise(rank_sweep(), "lora_r8", compare_with={"dual_lora_r16": "nope"})

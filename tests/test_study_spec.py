@@ -277,3 +277,10 @@ def test_the_study_trainable_set_reaches_every_variant_and_no_variant_may_set_it
 def test_stage1_cannot_be_adapter_only() -> None:
     with pytest.raises(ConfigError, match="stage1.trainable must be 'all'"):
         load_config(CONFIGS / "demo.yaml", ["stage1.trainable=adapter_only"])
+
+
+def test_compare_with_must_name_variants() -> None:
+    tree = raw("demo.yaml")
+    tree["study"]["studies"]["rank"]["compare_with"] = {"dual_lora_r8": "lora_r9"}
+    with pytest.raises(ConfigError, match=r"compare_with names 'lora_r9', not a variant"):
+        config_from_dict(tree)

@@ -75,6 +75,7 @@ class VariantRow:
     metrics: dict[str, MetricSummary]
     comparisons: dict[str, Comparison]
     is_reference: bool
+    compared_with: str = ""  # the variant its change and paired tests are against (itself for a reference row)
 
 
 @dataclass(frozen=True)
@@ -111,24 +112,32 @@ def trials_by_variant(trials: Sequence[Trial]) -> dict[str, dict[int, Trial]]:
 
 
 def summarise(
-    trials: Sequence[Trial], reference: str, order: Sequence[str] | None = None, confidence: float = 0.95
+    trials: Sequence[Trial], reference: str, order: Sequence[str] | None = None, confidence: float = 0.95,
+    compare_with: Mapping[str, str] | None = None,
 ) -> StudyTable:
     """The study table: per variant and metric the spread over seeds and the comparison with `reference`.
 
     `order` is the display order of the variants; variants it leaves out follow in first-appearance
-    order. Without it the reference comes first.
+    order. Without it the reference comes first. `compare_with` gives a variant another reference
+    (Dual-LoRA r against LoRA at the same rank r); a variant mapped to itself is a reference row.
     """
     grouped = trials_by_variant(trials)
     if reference not in grouped:
         raise ValueError(f"reference variant {reference!r} has no trials; variants: {', '.join(grouped)}")
+    pairs = dict(compare_with or {})
+    unknown = sorted({v for pair in pairs.items() for v in pair if v not in grouped})
+    if unknown:
+        raise ValueError(f"compare_with names variants with no trials: {', '.join(unknown)}; variants: "
+                         f"{', '.join(grouped)}")
     variants = _display_order(list(grouped), reference, order)
     metric_names = _metric_order({name for trial in trials for name in trial.metrics})
-    reference_trials = grouped[reference]
-    reference_means = {m: _describe(_values(reference_trials.values(), m), confidence)[0] for m in metric_names}
+    means = {variant: {m: _describe(_values(by_seed.values(), m), confidence)[0] for m in metric_names}
+             for variant, by_seed in grouped.items()}
 
     rows = []
     for variant in variants:
         by_seed = grouped[variant]
+        against = variant if variant == reference else pairs.get(variant, reference)
         summaries: dict[str, MetricSummary] = {}
         comparisons: dict[str, Comparison] = {}
         for metric in metric_names:
@@ -136,17 +145,18 @@ def summarise(
             if not values:
                 continue
             mean, std, ci_low, ci_high = _describe(values, confidence)
-            change = _relative_change(mean, reference_means[metric], lower_is_better(metric))
+            change = _relative_change(mean, means[against][metric], lower_is_better(metric))
             summaries[metric] = MetricSummary(len(values), mean, std, ci_low, ci_high, change)
-            if variant != reference:
-                comparisons[metric] = _compare(by_seed, reference_trials, metric)
+            if against != variant:
+                comparisons[metric] = _compare(by_seed, grouped[against], metric)
         rows.append(VariantRow(
             variant=variant,
             seeds=tuple(sorted(by_seed)),
             adapter_mib=float(np.mean([trial.adapter_mib for trial in by_seed.values()])),
             metrics=summaries,
             comparisons=comparisons,
-            is_reference=variant == reference,
+            is_reference=against == variant,
+            compared_with=against,
         ))
     return StudyTable(reference, tuple(rows), tuple(metric_names), confidence)
 
@@ -233,7 +243,8 @@ def to_markdown(table: StudyTable, metrics: Sequence[str] | None = None, primary
     header = ["variant", "adapter MiB"]
     for metric in shown:
         header += [_metric_label(metric), f"Δ {metric}"]
-    header.append(f"vs {table.reference} ({primary})")
+    several = any(row.compared_with not in (row.variant, table.reference) for row in table.rows)
+    header.append(f"vs reference ({primary})" if several else f"vs {table.reference} ({primary})")
 
     lines = []
     for row in table.rows:
@@ -246,7 +257,8 @@ def to_markdown(table: StudyTable, metrics: Sequence[str] | None = None, primary
             cells.append(f"{_number(summary.mean)} ± {_number(summary.std)} "
                          f"[{_number(summary.ci_low)}, {_number(summary.ci_high)}]")
             cells.append("ref" if row.is_reference else _change(summary.relative_change))
-        cells.append("ref" if row.is_reference else _comparison(row.comparisons.get(primary)))
+        named = f"vs {row.compared_with}: " if several else ""
+        cells.append("ref" if row.is_reference else named + _comparison(row.comparisons.get(primary)))
         lines.append(cells)
 
     def markdown_row(cells: list[str]) -> str:
@@ -257,7 +269,7 @@ def to_markdown(table: StudyTable, metrics: Sequence[str] | None = None, primary
         "|" + "|".join([":---", *["---:"] * (len(header) - 1)]) + "|",
         *(markdown_row(cells) for cells in lines),
         "",
-        _caption(table, shown, primary),
+        _caption(table, shown, primary, several),
     ])
 
 
@@ -272,7 +284,7 @@ def _comparison(comparison: Comparison | None) -> str:
             f"p{_p_value(comparison.p_wilcoxon)} (Wilcoxon)")
 
 
-def _caption(table: StudyTable, shown: Sequence[str], primary: str) -> str:
+def _caption(table: StudyTable, shown: Sequence[str], primary: str, several: bool = False) -> str:
     seed_counts = sorted({len(row.seeds) for row in table.rows})
     seeds = f"{seed_counts[0]}" if len(seed_counts) == 1 else f"{seed_counts[0]}–{seed_counts[-1]}"
     lower = [m for m in shown if lower_is_better(m)]
@@ -280,8 +292,9 @@ def _caption(table: StudyTable, shown: Sequence[str], primary: str) -> str:
     return (
         f"*{seeds} seeds per variant. Cells: mean ± sample standard deviation over seeds "
         f"[{table.confidence * 100:g} % confidence interval of the mean, t distribution with n−1 degrees of freedom]. "
-        f"Δ: relative change of the mean against the reference {table.reference}, positive = better{flipped}. "
-        f"vs {table.reference}: on {primary}, seeds the variant beat the reference on out of the seeds both have "
+        f"Δ: relative change of the mean against the reference {table.reference}"
+        f"{' (or the one its vs cell names)' if several else ''}, positive = better{flipped}. "
+        f"vs: on {primary}, seeds the variant beat the reference on out of the seeds both have "
         f"(paired by seed), and two-sided p-values of the paired t-test (t) and the Wilcoxon signed-rank "
         f"test; n/a where undefined (one seed, fewer than two paired seeds, or identical results).*"
     )
@@ -293,7 +306,7 @@ SUMMARY_STATISTICS = ("n", "mean", "std", "ci_low", "ci_high", "relative_change"
 
 def csv_columns(table: StudyTable) -> list[str]:
     """The CSV header: variant facts, then `<metric>:<statistic>` for every metric and statistic."""
-    return ["variant", "is_reference", "seeds", "adapter_mib", *(
+    return ["variant", "is_reference", "compared_with", "seeds", "adapter_mib", *(
         f"{metric}:{statistic}" for metric in table.metric_names
         for statistic in (*SUMMARY_STATISTICS, *COMPARISON_STATISTICS)
     )]
@@ -309,7 +322,7 @@ def to_csv(table: StudyTable, path: str | Path) -> Path:
         writer.writeheader()
         for row in table.rows:
             record: dict[str, object] = {
-                "variant": row.variant, "is_reference": int(row.is_reference),
+                "variant": row.variant, "is_reference": int(row.is_reference), "compared_with": row.compared_with,
                 "seeds": len(row.seeds), "adapter_mib": repr(row.adapter_mib),
             }
             for metric, summary in row.metrics.items():

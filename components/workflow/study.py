@@ -198,7 +198,8 @@ def _failures(missing: list[str], errors: dict[str, str]) -> str:
 def publish(cfg: DuetConfig, resolved: ResolvedStudy, tracker: Tracker, parent: str,
             trials: list[Trial]) -> StudyOutcome:
     """Table (Markdown and CSV) and, when the study asks, Figure 5: under the work dir and on the parent run."""
-    table = summarise(trials, resolved.reference, order=list(resolved.variants))
+    table = summarise(trials, resolved.reference, order=list(resolved.variants),
+                      compare_with=resolved.spec.compare_with)
     folder = study_dir(cfg, resolved.name)
     os.makedirs(folder, exist_ok=True)
     markdown = to_markdown(table)

@@ -358,6 +358,49 @@ class RegistrySection(Section):
     min_margin: Annotated[float, Field(ge=0)] = 0.0
 
 
+class ServeSection(Section):
+    """The Ray Serve endpoint (pipelines/serve.py, components/serve/): replicas take CPUs/GPUs as `eval` says."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds; 0.0.0.0 inside a container.")
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    model: str | None = Field(
+        None, description="What `@alias` traffic gets: models:/NAME@ALIAS, models:/NAME/VERSION or a stage-2 "
+                          "artifact URI; default models:/{registry.model_name}@{registry.alias}.")
+    max_batch_size: PositiveInt = Field(8, description="Requests per generate call of a replica (@serve.batch).")
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        0.02, description="How long a replica waits for more requests before running a partial batch.")
+    max_versions_per_replica: PositiveInt = Field(
+        3, description="Fine-tuned versions one replica keeps next to its base (LRU, @serve.multiplexed).")
+    alias_refresh_s: PositiveFloat = Field(
+        30.0, description="How often the registry alias is resolved again; traffic moves to a new holder.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the bearer token clients must send; "
+                          "unset: no auth. The token itself is never in a file.")
+    image_roots: list[str] = Field(
+        default_factory=list, description="Object-store prefixes request images may be read from (s3://...); "
+                                          "empty: data.root when it is in an object store.")
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = Field(
+        8.0, description="Autoscaling target: requests in flight per replica.")
+    max_ongoing_requests: PositiveInt = Field(32, description="Requests a replica accepts at once (queued beyond).")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{name!r:.60} is not an environment variable name (serve.api_key_env names the "
+                             "variable that holds the token, e.g. DUET_API_KEY; never the token itself)")
+        return name
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServeSection:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.min_replicas ({self.min_replicas}) is above serve.max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
 # Study and variant names become trial names, MLflow run names and folder names.
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -482,6 +525,7 @@ class DuetConfig(Section):
     tune: TuneSection = TuneSection()
     eval: EvalSection = EvalSection()
     registry: RegistrySection = RegistrySection()
+    serve: ServeSection = ServeSection()
     study: StudySection = StudySection()
 
     @model_validator(mode="before")

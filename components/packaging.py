@@ -107,9 +107,7 @@ class DuetPyfunc(mlflow.pyfunc.PythonModel):
     """A fine-tuned duet LLaVA (base + VCE + projector + adapter) answering image + prompt rows greedily."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        tree = yaml.safe_load(Path(context.artifacts["config"]).read_text())
-        tree.setdefault("model", {})["checkpoint"] = base_checkpoint(context.artifacts["base"])
-        self.cfg = config_from_dict(tree)
+        self.cfg = package_config(context.artifacts["config"], context.artifacts["base"])
         checkpoint = self.cfg.model.checkpoint or ""
         self.builder = PromptBuilder.from_config(self.cfg, checkpoint, visual_token_count(self.cfg))
         self.generator = Generator(self.cfg, context.artifacts["stage2"], checkpoint)
@@ -138,7 +136,14 @@ class DuetPyfunc(mlflow.pyfunc.PythonModel):
         return answers
 
 
-def base_checkpoint(base_dir: str) -> str:
+def package_config(config_file: str | Path, base_dir: str | Path) -> DuetConfig:
+    """A package's config with model.checkpoint set to its base (embedded, or the URI base.json names)."""
+    tree = yaml.safe_load(Path(config_file).read_text())
+    tree.setdefault("model", {})["checkpoint"] = base_checkpoint(str(base_dir))
+    return config_from_dict(tree)
+
+
+def base_checkpoint(base_dir: str | Path) -> str:
     """The base checkpoint of a loaded package: the embedded folder, or the URI its base.json names."""
     reference = Path(base_dir) / BASE_REFERENCE
     if reference.is_file():

@@ -9,6 +9,11 @@
 * KubeRay: kinds and apiVersions, in-tree autoscaling, a head with num-cpus "0" and no GPU, a GPU
   worker group from 0 replicas with GPU limits, credentials only from Secrets, and a RayJob that runs
   pipelines/full.py with the RayCluster's spec embedded unchanged;
+* Ray Serve: pipelines/configs/serve.yaml and the RayService's serveConfigV2 validate against Serve's own
+  config schema (ServeDeploySchema) with no key it would ignore, import the app builder from a module of
+  this repository, load a duet config that exists and takes their overrides, and listen where that
+  config says; the RayService's pods get MLflow, S3 and the bearer token from Secrets, and its GPU
+  workers start at 0 and can hold serve.max_replicas replicas;
 * infra: the Dockerfile installs torch (the project's pin) before DeepSpeed, DeepSpeed with
   --no-build-isolation, then the project; the compose MLflow server runs with basic auth, a Postgres
   backend and S3 artifacts on MinIO; the MLflow entrypoint renders a working auth config;
@@ -40,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_FILES = ["clusters/aws/gpu-autoscaling.yaml", "clusters/gcp/gpu-autoscaling.yaml"]
 RAYCLUSTER = "clusters/kuberay/raycluster.yaml"
 RAYJOB = "clusters/kuberay/rayjob-full.yaml"
+RAYSERVICE = "clusters/kuberay/rayservice.yaml"
+KUBERAY_FILES = [RAYCLUSTER, RAYJOB, RAYSERVICE]
+SERVE_CONFIG = "pipelines/configs/serve.yaml"
 COMPOSE = "infra/docker-compose.yaml"
 DOCKERFILE = "infra/Dockerfile"
 MLFLOW_DIR = "infra/mlflow"
@@ -66,7 +74,7 @@ def _load(rel: str) -> Any:
 
 def _deployment_files() -> list[Path]:
     files = [p for d in ("clusters", "infra") for p in sorted((ROOT / d).rglob("*")) if p.is_file()]
-    files.append(ROOT / ".dockerignore")
+    files += [ROOT / ".dockerignore", ROOT / SERVE_CONFIG]
     return [p for p in files if "__pycache__" not in p.parts]
 
 
@@ -91,7 +99,7 @@ def _pyproject_pin(name: str) -> str:
 
 
 def test_deployment_yaml_files_are_found() -> None:
-    expected = set(LAUNCHER_FILES) | {RAYCLUSTER, RAYJOB, COMPOSE}
+    expected = set(LAUNCHER_FILES) | set(KUBERAY_FILES) | {COMPOSE, SERVE_CONFIG}
     assert expected <= set(_yaml_files())
 
 
@@ -227,10 +235,17 @@ def _ray_containers(spec: dict) -> list[tuple[str, dict]]:
     return [(group, c) for group, pod in pods for c in pod["spec"]["containers"]]
 
 
-def test_raycluster_autoscales_gpu_workers_from_zero() -> None:
-    doc = _load(RAYCLUSTER)
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
-    spec = doc["spec"]
+def _cluster_spec(rel: str) -> dict:
+    """The RayCluster spec of a KubeRay file: its own, a RayJob's rayClusterSpec, a RayService's rayClusterConfig."""
+    doc = _load(rel)
+    assert doc["apiVersion"] == "ray.io/v1", rel
+    key = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}[doc["kind"]]
+    return doc["spec"][key] if key else doc["spec"]
+
+
+@pytest.mark.parametrize("rel", [RAYCLUSTER, RAYSERVICE])
+def test_raycluster_autoscales_gpu_workers_from_zero(rel: str) -> None:
+    spec = _cluster_spec(rel)
     assert spec["enableInTreeAutoscaling"] is True
     major_minor = ".".join(ray.__version__.split(".")[:2])
     assert str(spec["rayVersion"]).startswith(major_minor), "rayVersion must match the Ray the project pins"
@@ -271,7 +286,7 @@ def test_raycluster_env_reaches_mlflow_and_s3_with_secrets_only() -> None:
 
 def test_kuberay_images_are_one_image_marked_for_the_user() -> None:
     images = set()
-    for rel in (RAYCLUSTER, RAYJOB):
+    for rel in KUBERAY_FILES:
         for line in (ROOT / rel).read_text().splitlines():
             if line.strip().startswith("image:"):
                 assert "set me" in line, f"{rel}: {line.strip()}"
@@ -281,7 +296,7 @@ def test_kuberay_images_are_one_image_marked_for_the_user() -> None:
 
 
 def test_no_kubernetes_secret_is_committed() -> None:
-    for rel in (RAYCLUSTER, RAYJOB):
+    for rel in KUBERAY_FILES:
         for doc in yaml.safe_load_all((ROOT / rel).read_text()):
             assert doc["kind"] != "Secret", f"{rel}: Secrets are created by the user, never committed"
 
@@ -304,6 +319,146 @@ def test_rayjob_runs_the_full_pipeline_on_the_same_cluster_spec() -> None:
 def test_rayjob_entrypoint_script_exists() -> None:
     """pipelines/full.py is the RayJob's entrypoint (and the launcher README's job)."""
     assert (ROOT / "pipelines" / "full.py").is_file()
+
+
+_SECRET_LIKE_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|USERNAME")
+
+
+@pytest.mark.parametrize("rel", KUBERAY_FILES)
+def test_kuberay_credentials_come_only_from_secrets(rel: str) -> None:
+    for group, container in _ray_containers(_cluster_spec(rel)):
+        for entry in container.get("env", []):
+            if _SECRET_LIKE_ENV.search(entry["name"]):
+                assert "value" not in entry, f"{rel} {group}: {entry['name']} must come from a Secret"
+                assert set(entry["valueFrom"]) == {"secretKeyRef"}, f"{rel} {group}: {entry['name']}"
+
+
+# ---------------------------------------------------------------- Ray Serve
+
+SERVE_FILES = [SERVE_CONFIG, RAYSERVICE]
+APP_BUILDER = "components.serve.app:app_builder"
+IMAGE_REPO = "/app"  # where infra/Dockerfile puts the repository (its WORKDIR)
+# Every RayService pod: the app builder (head) and the replicas (workers) resolve and load registry models.
+SERVE_POD_ENV = [
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+]
+
+
+def _serve_config(rel: str) -> dict:
+    doc = _load(rel)
+    if rel == RAYSERVICE:
+        assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+        assert isinstance(doc["spec"]["serveConfigV2"], str), "serveConfigV2 is a YAML string"
+        return yaml.safe_load(doc["spec"]["serveConfigV2"])
+    return doc
+
+
+def _duet_app(rel: str) -> dict:
+    (app,) = _serve_config(rel)["applications"]
+    return app
+
+
+def _repo_config_path(rel: str, config: str) -> Path:
+    """The repository file an app's args.config names: the RayService's is inside the image."""
+    if rel == RAYSERVICE:
+        assert config.startswith(f"{IMAGE_REPO}/"), f"{config}: a config inside the image, under /app"
+        assert f"WORKDIR {IMAGE_REPO}" in (ROOT / DOCKERFILE).read_text()
+        return ROOT / config.removeprefix(f"{IMAGE_REPO}/")
+    assert not Path(config).is_absolute(), f"{config}: relative to the repository root"
+    return ROOT / config
+
+
+def _duet_config(rel: str):
+    from components.config import load_config
+
+    args = _duet_app(rel)["args"]
+    return load_config(_repo_config_path(rel, args["config"]), args.get("overrides", []))
+
+
+@pytest.mark.parametrize("rel", SERVE_FILES)
+def test_serve_config_matches_ray_serve_schema(rel: str) -> None:
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    raw = _serve_config(rel)
+    schema = ServeDeploySchema.model_validate(raw)
+    # The schema ignores keys it does not know (forward compatibility): a misspelt one would be dropped.
+    unknown = set(raw) - set(ServeDeploySchema.model_fields)
+    unknown |= set(raw["http_options"]) - set(HTTPOptionsSchema.model_fields)
+    for app in raw["applications"]:
+        unknown |= set(app) - set(ServeApplicationSchema.model_fields)
+    assert not unknown, f"{rel}: keys Serve does not know: {sorted(unknown)}"
+    (app,) = schema.applications
+    assert app.name == "duet" and app.route_prefix == "/" and app.import_path == APP_BUILDER
+    assert not app.deployments, "the app builder sets replicas and resources from the config's serve section"
+    assert set(app.args) <= {"config", "model", "overrides"}, f"{rel}: args are config, model, overrides"
+    assert all(isinstance(o, str) and "=" in o for o in app.args.get("overrides", [])), "overrides: KEY=VALUE"
+
+
+@pytest.mark.parametrize("rel", SERVE_FILES)
+def test_serve_import_path_is_a_module_of_the_repository(rel: str) -> None:
+    module, attribute = _duet_app(rel)["import_path"].split(":")
+    assert attribute.isidentifier()
+    path = ROOT.joinpath(*module.split("."))
+    assert path.with_suffix(".py").is_file() or (path / "__init__.py").is_file(), f"{rel}: no module {module}"
+
+
+@pytest.mark.parametrize("rel", SERVE_FILES)
+def test_serve_app_loads_its_duet_config_and_listens_where_it_says(rel: str) -> None:
+    app = _duet_app(rel)
+    config = app["args"]["config"]
+    assert _repo_config_path(rel, config).is_file(), f"{rel}: config {config} does not exist"
+    cfg = _duet_config(rel)  # validates the overrides too
+    http = _serve_config(rel)["http_options"]
+    assert (http["host"], http["port"]) == (cfg.serve.host, cfg.serve.port), (
+        f"{rel}: http_options and the config's serve.host/serve.port disagree"
+    )
+    if "model" in app["args"]:
+        assert app["args"]["model"] == f"models:/{cfg.registry.model_name}@{cfg.registry.alias}", rel
+
+
+def test_local_serve_config_stays_on_this_machine() -> None:
+    assert _serve_config(SERVE_CONFIG)["http_options"]["host"] == "127.0.0.1"
+    assert _duet_app(SERVE_CONFIG)["args"]["config"] == "pipelines/configs/demo.yaml"
+
+
+def test_rayservice_listens_in_the_pod_and_requires_the_token_from_a_secret() -> None:
+    cfg = _duet_config(RAYSERVICE)
+    assert cfg.serve.host == "0.0.0.0" and _serve_config(RAYSERVICE)["http_options"]["host"] == "0.0.0.0"
+    assert cfg.serve.api_key_env == "DUET_API_KEY"
+    spec = _cluster_spec(RAYSERVICE)
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {port["name"]: port["containerPort"] for port in head["ports"]}
+    assert head_ports.get("serve") == cfg.serve.port, "KubeRay's serve service targets the head's serve port"
+    for group, container in _ray_containers(spec):
+        env = {e["name"]: e for e in container.get("env", [])}
+        token = env.get(cfg.serve.api_key_env)
+        assert token, f"{group}: {cfg.serve.api_key_env} missing"
+        ref = token["valueFrom"]["secretKeyRef"]
+        assert ref["key"] and not ref.get("optional", False), f"{group}: the token is required"
+        missing = set(SERVE_POD_ENV) - set(env)
+        assert not missing, f"{group}: {sorted(missing)} missing"
+
+
+def test_rayservice_gpu_workers_hold_the_most_replicas_serve_asks_for() -> None:
+    cfg = _duet_config(RAYSERVICE)
+    spec = _cluster_spec(RAYSERVICE)
+    gpus = sum(g["maxReplicas"] * _gpu_limit(g) for g in spec["workerGroupSpecs"])
+    # The builder decides GPU or not when it runs, before any GPU pod exists: "auto" would answer no.
+    assert cfg.eval.use_gpu is True, "set eval.use_gpu=true in the overrides: the GPU pods start at 0"
+    needed = cfg.serve.max_replicas * cfg.eval.gpus_per_replica
+    assert gpus >= needed, f"{gpus} GPUs at most for serve.max_replicas x eval.gpus_per_replica = {needed}"
+    assert spec["rayVersion"] == _cluster_spec(RAYCLUSTER)["rayVersion"]
+    assert spec["autoscalerOptions"] == _cluster_spec(RAYCLUSTER)["autoscalerOptions"]
+
+
+def test_rayservice_services_do_not_collide_with_the_raycluster() -> None:
+    """KubeRay names a RayService's services NAME-head-svc and NAME-serve-svc, a RayCluster's NAME-head-svc."""
+    assert _load(RAYSERVICE)["metadata"]["name"] != _load(RAYCLUSTER)["metadata"]["name"]
 
 
 # ---------------------------------------------------------------- infra: images

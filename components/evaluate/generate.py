@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 
 from components.config import DuetConfig
 from components.data.dataset import load_tokenizer, local_processor_dir
-from components.data.transform import load_image_spec, normalize
+from components.data.transform import ImageSpec, load_image_spec, normalize
 from components.model.artifact import load_stage_model
 from components.model.llava import load_base_model
 
@@ -35,6 +35,24 @@ def load_model(cfg: DuetConfig, model_source: str | None, dtype: torch.dtype | N
     return model.eval()
 
 
+def batch_inputs(prompts: Sequence[np.ndarray], images: Sequence[np.ndarray], pad: int, spec: ImageSpec,
+                 device: torch.device, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int]:
+    """generate()'s inputs for a batch: prompts left-padded to the longest (answers start at one column,
+    the attention mask hides the padding), every row's images normalised in row order; and that length."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, length - len(ids):] = torch.tensor(np.asarray(ids, dtype=np.int64))  # a copy: Ray's are read-only
+        mask[row, length - len(ids):] = 1
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    arrays = [np.asarray(a, dtype=np.uint8) for a in images if len(a)]
+    if arrays:
+        pixels = normalize(np.concatenate(arrays), spec)
+        inputs["pixel_values"] = torch.from_numpy(pixels).to(device, dtype)
+    return inputs, length
+
+
 class Generator:
     """One model replica answering encoded prompts greedily, in left-padded batches."""
 
@@ -55,17 +73,7 @@ class Generator:
         if not prompts:
             return []
         pad = int(self.tokenizer.pad_token_id)
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, length - len(ids):] = torch.tensor(np.asarray(ids, dtype=np.int64))  # a copy: Ray's are read-only
-            mask[row, length - len(ids):] = 1
-        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
-        arrays = [np.asarray(a, dtype=np.uint8) for a in images if len(a)]
-        if arrays:
-            pixels = normalize(np.concatenate(arrays), self.spec)
-            inputs["pixel_values"] = torch.from_numpy(pixels).to(self.device, self.dtype)
+        inputs, length = batch_inputs(prompts, images, pad, self.spec, self.device, self.dtype)
         settings = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id, bos_token_id=self.tokenizer.bos_token_id,

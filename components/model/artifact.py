@@ -224,8 +224,14 @@ def _projector_prefix(model: nn.Module) -> str:
 
 def load_projector_weights(model: nn.Module, folder: str | Path, where: str) -> None:
     """Load VCE + projector weights (safetensors: no pickle) from a local artifact folder into `model`."""
+    load_bridge_weights(projector_module(model), folder, where)
+
+
+def load_bridge_weights(bridge: nn.Module, folder: str | Path, where: str) -> None:
+    """Load VCE + projector weights from a local artifact folder into the bridge module itself
+    (a VCEProjector, or the plain projector when VCE is off)."""
     weights = load((Path(folder) / ARTIFACT_WEIGHTS).read_bytes())
-    missing, unexpected = projector_module(model).load_state_dict(weights, strict=False)
+    missing, unexpected = bridge.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ArtifactError(
             f"stage artifact {where!r} does not fit this model's projector/VCE: missing {sorted(missing)[:5]}, "

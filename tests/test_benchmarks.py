@@ -114,3 +114,22 @@ def test_stream_memory_small_json(tmp_path: Path) -> None:
         assert result["idle_pss_mib"] > 0 and 0 < result["peak_pss_mib"] <= result["peak_rss_sum_mib"]
         assert result["peak_processes"] >= 1
     assert "peak memory (PSS) against the largest run" in proc.stdout
+
+
+@pytest.mark.slow
+def test_serve_quick_json(tmp_path: Path) -> None:
+    """serve.py end to end at its smoke size: a real endpoint, every request answered, ratios per case."""
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["ratios"]) == {"sequential", "clients=1", "clients=4"}
+    positive_finite(report["ratios"], "ratios")
+    for case, runs in report["runs"].items():
+        assert len(runs) == report["settings"]["repeats"], case
+        for run in runs:
+            assert run["tokens"] > 0 and run["p50_s"] <= run["p99_s"]
+    assert "the sequential loop's throughput" in proc.stdout

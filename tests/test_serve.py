@@ -93,13 +93,14 @@ def served(eval_setup: EvalSetup, second_stage2: str, mlflow_server: MlflowServe
         "registry": eval_setup.cfg.registry.model_copy(update={"model_name": MODEL}),
         "data": eval_setup.cfg.data.model_copy(update={"max_image_pixels": MAX_PIXELS}),
         "serve": eval_setup.cfg.serve.model_copy(update={
-            "alias_refresh_s": 1.0, "api_key_env": TOKEN_ENV, "batch_wait_timeout_s": 0.05}),
+            "alias_refresh_s": 1.0, "max_versions_per_replica": 2, "api_key_env": TOKEN_ENV, "batch_wait_timeout_s": 0.05}),
     }
     cfg = eval_setup.cfg.model_copy(update=overrides)
     tracker = Tracker(cfg.tracking, cfg.run.work_dir)
     registry = Registry(tracker, cfg.registry)
     artifacts = {}
-    for artifact in (second_stage2, eval_setup.stage2):  # version 1 answers differently per image
+    # Version 1 answers differently per image; version 3 packages version 2's artifact again.
+    for artifact in (second_stage2, eval_setup.stage2, eval_setup.stage2):
         with tracker.parent_run(f"serve-{len(artifacts) + 1}") as run_id:
             log_pyfunc(cfg, artifact, run_id)
         artifacts[registry.register(run_id).version] = artifact
@@ -257,6 +258,28 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_serving_goes_on(served: S
     assert _raw(f"{served.url}/models")[0] == 401
     reply = client.chat.completions.create(model=MODEL, messages=_ask("Describe the image.", png))
     assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_a_version_past_the_replica_limit_evicts_the_least_recently_used(served: Served,
+                                                                         eval_setup: EvalSetup) -> None:  # noqa: F811
+    png = _split_records_first_png()
+    question = "List the shapes in the image."
+    client = served.client()
+
+    def ask(version: str) -> str:
+        reply = client.chat.completions.create(model=f"{MODEL}/{version}", messages=_ask(question, png))
+        return reply.choices[0].message.content
+
+    answers = {v: ask(v) for v in ("1", "2", "3")}  # limit 2: asking for 3 evicts 1, the least recently used
+    deadline = time.monotonic() + 30
+    while (health := served.get("/health"))["versions"] != [f"{MODEL}/2", f"{MODEL}/3"]:
+        assert time.monotonic() < deadline, f"version 1 was not detached: {health}"
+        time.sleep(0.2)
+    assert health["bases"] == 1
+    assert answers["2"] == answers["3"] == _in_process(eval_setup.cfg, eval_setup.base, served.artifacts["2"],
+                                                       question, png)
+    assert ask("1") == answers["1"]  # loaded again on demand (and 2 evicted in turn)
 
 
 @pytest.mark.slow

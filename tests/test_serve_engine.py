@@ -93,8 +93,9 @@ def test_a_stop_string_ends_the_answer_before_it(engine: Engine, eval_setup: Eva
 def test_streamed_states_add_up_to_the_answer(engine: Engine, eval_setup: EvalSetup) -> None:  # noqa: F811
     prompts, images = requests(eval_setup, 2)
     seen: list[list[str]] = []
-    rows = engine.generate(engine.versions["second"], [Job(p, i, 12) for p, i in zip(prompts, images)],
+    rows = engine.generate(engine.versions["second"], [Job(p, i, 12, stream=True) for p, i in zip(prompts, images)],
                            lambda states: seen.append([s.text for s in states]))
+    assert len(seen) > 2
     for column, row in enumerate(rows):
         texts = [step[column] for step in seen]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_evaluate import EvalSetup, eval_setup  # noqa: F401  (session fixture: a tiny base and its stage artifacts)
 
+from components import storage
 from components.config import load_config
 from components.serve.engine import Job, RowFollower, _settled
 from components.serve.images import allowed_roots, image_bytes
@@ -105,6 +106,15 @@ def test_object_store_images_only_under_the_configured_roots(tmp_path) -> None:
     assert allowed_roots(chosen) == ("s3://a/b/",)
 
 
+def test_an_object_store_image_under_the_root_is_read(s3_endpoint, s3_bucket: str) -> None:
+    storage_cfg = s3_endpoint.storage_config()
+    storage.write_bytes(f"{s3_bucket}/datasets/img.png", b"\x89PNG bytes", storage_cfg)
+    cfg = load_config(None, [f"data.root={s3_bucket}/datasets"])
+    assert image_bytes(f"{s3_bucket}/datasets/img.png", "p", allowed_roots(cfg), storage_cfg) == b"\x89PNG bytes"
+    with pytest.raises(APIError, match="no object at"):
+        image_bytes(f"{s3_bucket}/datasets/missing.png", "p", allowed_roots(cfg), storage_cfg)
+
+
 # ---------------------------------------------------------------- model ids
 
 
@@ -168,7 +178,8 @@ def _follow(texts: list[str], jobs: list[Job]) -> tuple[list[list[str]], list]:
 
 
 def test_streamed_text_only_grows_and_ends_as_the_stripped_answer() -> None:
-    jobs = [Job(torch.zeros(2), torch.zeros(0), 50, stop=("END",)), Job(torch.zeros(2), torch.zeros(0), 6)]
+    jobs = [Job(torch.zeros(2), torch.zeros(0), 50, stop=("END",), stream=True),
+            Job(torch.zeros(2), torch.zeros(0), 6, stream=True)]
     seen, rows = _follow([" red star  blue EN circle END junk", "  abcdefgh"], jobs)
     assert rows[0].text == "red star  blue EN circle" and rows[0].finish == "stop"
     assert rows[1].text == "abcd" and rows[1].finish == "length" and rows[1].tokens == 6
@@ -176,6 +187,7 @@ def test_streamed_text_only_grows_and_ends_as_the_stripped_answer() -> None:
         texts = [step[column] for step in seen]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts
         assert texts[-1] == row.text
+    assert len({step[0] for step in seen}) > 5, "the streamed row is followed step by step"
 
 
 def test_settled_text_holds_back_what_may_still_change() -> None:

@@ -86,7 +86,10 @@ class VersionHandle:
     retire: Any = field(repr=False)
 
     def __del__(self) -> None:  # Serve calls it on eviction, the GC once more: only queues the version
-        self.retire(self.version)
+        try:
+            self.retire(self.version)
+        except Exception:  # noqa: BLE001  (at interpreter exit the queue may be gone; nothing to free then)
+            pass
 
 
 @serve.deployment(name="duet")
@@ -243,8 +246,8 @@ class DuetServer:
         builder = version.builder
         encoded = [await asyncio.to_thread(image_bytes, url, param, self.roots, self.cfg.storage)
                    for url, param in zip(talk.image_urls, talk.image_params)]
-        try:
-            images = builder.images(encoded)
+        try:  # decoding a large image takes a while: not on the event loop
+            images = await asyncio.to_thread(builder.images, encoded)
         except BadRecord as exc:
             param = talk.image_params[0] if len(talk.image_params) == 1 else "messages"
             raise APIError(400, f"{param}: not a usable image ({exc.detail}); send a PNG or JPEG of at most "
@@ -265,7 +268,7 @@ class DuetServer:
         if budget < 1:
             raise APIError(400, f"the prompt's {len(prompt)} tokens leave no room in model.max_length "
                                 f"{builder.max_length}", param="messages")
-        job = Job(prompt, images, budget, stop_sequences(body), body.temperature, body.top_p, body.seed)
+        job = Job(prompt, images, budget, stop_sequences(body), body.temperature, body.top_p, body.seed, body.stream)
         return job, len(prompt)
 
     @api.post("/v1/chat/completions")

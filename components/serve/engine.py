@@ -51,6 +51,7 @@ class Job:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stream: bool = False  # a streamed row's text is followed at every step; others' only once they end
 
     @property
     def sampling(self) -> tuple[float, float, int | None]:
@@ -193,7 +194,8 @@ class Engine:
     @torch.inference_mode()
     def generate(self, version: Version, jobs: Sequence[Job],
                  on_step: Callable[[list[RowState]], None] | None = None) -> list[RowState]:
-        """Answers for `jobs` (equal sampling settings) in one generate call; `on_step` sees every step."""
+        """Answers for `jobs` (equal sampling settings) in one generate call; `on_step` sees every step when a
+        job streams, else only the end."""
         base = version.base
         if base is None or not jobs:
             return [RowState() for _ in jobs]
@@ -236,6 +238,9 @@ class RowFollower(StoppingCriteria):
         self.on_step = on_step
         self.rows = [RowState() for _ in jobs]
         self.eos = set(_as_list(tokenizer.eos_token_id))
+        # Decoding every row at every step costs more than a small model's step: only where it is needed.
+        self.followed = [job.stream or bool(job.stop) for job in self.jobs]
+        self.streaming = any(job.stream for job in self.jobs)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_length:]
@@ -245,15 +250,18 @@ class RowFollower(StoppingCriteria):
             tokens = generated[row].tolist()
             ended = bool(tokens) and tokens[-1] in self.eos
             state.tokens = len(tokens)
+            at_length = len(tokens) >= job.max_new_tokens
+            if not (ended or at_length or self.followed[row]):
+                continue
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             cut = _cut_at_stop(text, job.stop)
             if ended or cut is not None:
                 state.text, state.finish = (text if cut is None else cut).strip(), "stop"
-            elif len(tokens) >= job.max_new_tokens:
+            elif at_length:
                 state.text, state.finish = text.strip(), "length"
             else:
                 state.text = _settled(text, job.stop)
-        if self.on_step is not None:
+        if self.on_step is not None and self.streaming:
             self.on_step([RowState(s.text, s.tokens, s.finish) for s in self.rows])
         return torch.tensor([s.finish is not None for s in self.rows], device=input_ids.device)
 

@@ -47,12 +47,29 @@ def init_ray(cfg: DuetConfig) -> str:
     if address:
         ray.init(log_to_driver=True, logging_level=logging.WARNING)
         return f"Ray: joined the cluster at {address} ({_describe(ray.cluster_resources())})"
+    loopback_only()
     # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner polls
     # (without it, it warns every few seconds); it listens on 127.0.0.1 only.
     ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
     return (f"Ray: started a local instance ({_describe(ray.cluster_resources())}); set RAY_ADDRESS or use "
             "`ray job submit` to run on a cluster")
+
+
+def loopback_only() -> None:
+    """Make the Ray instance this process starts listen on 127.0.0.1 only, whatever the environment.
+
+    Ray binds its servers (GCS, raylet, agents, workers) to the node address, which it takes to be the
+    host's network address and turns an explicit 127.0.0.1 back into, unless its cluster mode is off
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when Ray is imported): then everything is loopback.
+    A one-machine run needs no other interface, and open Ray ports accept jobs from whoever reaches them.
+    The variable is set for the processes Ray starts and the flag for this one; joining a cluster
+    (RAY_ADDRESS, `ray job submit`) never comes here.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def use_gpu_for_training(cfg: DuetConfig) -> bool:

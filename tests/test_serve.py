@@ -37,7 +37,6 @@ from components.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_ENV = "DUET_TEST_SERVE_TOKEN"
-MODEL = "duet-serve-test"
 MAX_PIXELS = 100_000
 
 
@@ -48,6 +47,7 @@ class Served:
     token: str
     registry: Registry
     artifacts: dict[str, str]  # registry version -> the stage-2 artifact it packages
+    model: str  # the registered model name, one per test module
 
     def client(self, token: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=token or self.token, max_retries=0, timeout=120)
@@ -80,17 +80,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(eval_setup: EvalSetup, second_stage2: str, mlflow_server: MlflowServer,  # noqa: F811
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+           tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Served]:
     from ray import serve
 
     from components.serve.app import SERVE_LOGGING, build_app
 
     work = tmp_path_factory.mktemp("serve")
+    model = f"duet-{request.module.__name__.rpartition('.')[2].replace('_', '-')}"  # versions 1-3 in every module
     overrides = {
         "run": eval_setup.cfg.run.model_copy(update={"work_dir": str(work)}),
         "tracking": eval_setup.cfg.tracking.model_copy(update={"tracking_uri": mlflow_server.uri,
                                                                "experiment": "serve"}),
-        "registry": eval_setup.cfg.registry.model_copy(update={"model_name": MODEL}),
+        "registry": eval_setup.cfg.registry.model_copy(update={"model_name": model}),
         "data": eval_setup.cfg.data.model_copy(update={"max_image_pixels": MAX_PIXELS}),
         "serve": eval_setup.cfg.serve.model_copy(update={
             "alias_refresh_s": 1.0, "max_versions_per_replica": 2, "api_key_env": TOKEN_ENV, "batch_wait_timeout_s": 0.05}),
@@ -113,7 +114,7 @@ def served(eval_setup: EvalSetup, second_stage2: str, mlflow_server: MlflowServe
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
             serve.run(build_app(cfg), name="duet", route_prefix="/", blocking=False)
-            yield Served(cfg, f"http://127.0.0.1:{port}/v1", token, registry, artifacts)
+            yield Served(cfg, f"http://127.0.0.1:{port}/v1", token, registry, artifacts, model)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -157,7 +158,7 @@ def test_an_answer_with_an_image_is_the_evaluations_answer(served: Served, eval_
     for row in asked.itertuples():
         record, png = records[row.id]
         question = record["conversations"][0]["value"].replace("<image>", "").strip()
-        reply = client.chat.completions.create(model=MODEL, messages=_ask(question, png), temperature=0)
+        reply = client.chat.completions.create(model=served.model, messages=_ask(question, png), temperature=0)
         assert reply.choices[0].message.content == row.prediction, row.id
         assert reply.usage.completion_tokens <= served.cfg.eval.max_new_tokens
     assert asked["prediction"].nunique() >= 2, "the served version should answer differently per sample"
@@ -167,8 +168,8 @@ def test_an_answer_with_an_image_is_the_evaluations_answer(served: Served, eval_
 def test_a_stream_carries_the_same_text_in_chunks(served: Served) -> None:
     client = served.client()
     png = _split_records_first_png()
-    plain = client.chat.completions.create(model=MODEL, messages=_ask("Describe the image.", png))
-    stream = client.chat.completions.create(model=MODEL, messages=_ask("Describe the image.", png), stream=True)
+    plain = client.chat.completions.create(model=served.model, messages=_ask("Describe the image.", png))
+    stream = client.chat.completions.create(model=served.model, messages=_ask("Describe the image.", png), stream=True)
     chunks = list(stream)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
     assert "".join(pieces) == plain.choices[0].message.content
@@ -187,10 +188,12 @@ def _split_records_first_png() -> bytes:
     return _FIRST_PNG[0]
 
 
-def _in_process(cfg: DuetConfig, base: str, artifact: str, question: str, png: bytes) -> str:
+def _in_process(cfg: DuetConfig, base: str, artifact: str, question: str, png: bytes,
+                max_tokens: int | None = None) -> str:
     builder = PromptBuilder.from_config(cfg, base, visual_token_count(cfg))
     ids = builder.encode(builder.text([{"from": "human", "value": f"<image>\n{question}"}]), 1)
-    return Generator(cfg, artifact, base, "cpu").generate([ids], [builder.images([png])], cfg.eval.max_new_tokens)[0]
+    tokens = max_tokens or cfg.eval.max_new_tokens
+    return Generator(cfg, artifact, base, "cpu").generate([ids], [builder.images([png])], tokens)[0]
 
 
 @pytest.mark.slow
@@ -203,7 +206,7 @@ def test_two_versions_side_by_side_on_one_replica_over_one_base(served: Served, 
     answers: dict[str, list[str]] = {"1": [], "2": []}
 
     def ask(version: str) -> None:
-        reply = client.chat.completions.create(model=f"{MODEL}/{version}", messages=_ask(question, png))
+        reply = client.chat.completions.create(model=f"{served.model}/{version}", messages=_ask(question, png))
         answers[version].append(reply.choices[0].message.content)
 
     threads = [threading.Thread(target=ask, args=(v,)) for v in ("1", "2") * 3]
@@ -213,10 +216,10 @@ def test_two_versions_side_by_side_on_one_replica_over_one_base(served: Served, 
         thread.join()
     assert answers == {v: [expected[v]] * 3 for v in ("1", "2")}
     health = served.get("/health")
-    assert set(health["versions"]) >= {f"{MODEL}/1", f"{MODEL}/2"} and health["bases"] == 1
+    assert set(health["versions"]) >= {f"{served.model}/1", f"{served.model}/2"} and health["bases"] == 1
     listed = {m.id: m for m in client.models.list().data}
-    assert {MODEL, f"{MODEL}/1", f"{MODEL}/2"} <= set(listed)
-    assert listed[MODEL].duet["serves"] == f"{MODEL}/1" and listed[MODEL].duet["alias"] == "champion"
+    assert {served.model, f"{served.model}/1", f"{served.model}/2"} <= set(listed)
+    assert listed[served.model].duet["serves"] == f"{served.model}/1" and listed[served.model].duet["alias"] == "champion"
 
 
 def _tall_png(width: int, height: int) -> bytes:
@@ -231,7 +234,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_serving_goes_on(served: S
     png = _split_records_first_png()
 
     def refused(error: type[openai.APIStatusError], names: str, **request) -> None:
-        request.setdefault("model", MODEL)
+        request.setdefault("model", served.model)
         with pytest.raises(error) as caught:
             client.chat.completions.create(**request)
         assert names in caught.value.message, caught.value.message
@@ -246,17 +249,17 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_serving_goes_on(served: S
     refused(openai.BadRequestError, "over model.max_length", messages=_ask("word " * 600, png))
     refused(openai.BadRequestError, "max_tokens 5000", messages=_ask("hi", png), max_tokens=5000)
     refused(openai.NotFoundError, "is not served here", model="gpt-4o", messages=_ask("hi", png))
-    refused(openai.NotFoundError, "has no version 99", model=f"{MODEL}/99", messages=_ask("hi", png))
+    refused(openai.NotFoundError, "has no version 99", model=f"{served.model}/99", messages=_ask("hi", png))
     refused(openai.BadRequestError, "http URL scheme is not accepted", messages=image("http://127.0.0.1:1/x.png"))
     refused(openai.BadRequestError, "outside the storage", messages=image("s3://somebody-else/x.png"))
     with pytest.raises(openai.AuthenticationError, match="bearer token is wrong"):
-        served.client("wrong").chat.completions.create(model=MODEL, messages=_ask("hi", png))
+        served.client("wrong").chat.completions.create(model=served.model, messages=_ask("hi", png))
     status, body = _raw(f"{served.url}/chat/completions", b"{not json", served.token)
     assert status == 400 and "not valid JSON" in body["error"]["message"]
-    status, body = _raw(f"{served.url}/chat/completions", json.dumps({"model": MODEL, "messages": _ask("hi", png)}).encode())
+    status, body = _raw(f"{served.url}/chat/completions", json.dumps({"model": served.model, "messages": _ask("hi", png)}).encode())
     assert status == 401 and "missing bearer token" in body["error"]["message"]
     assert _raw(f"{served.url}/models")[0] == 401
-    reply = client.chat.completions.create(model=MODEL, messages=_ask("Describe the image.", png))
+    reply = client.chat.completions.create(model=served.model, messages=_ask("Describe the image.", png))
     assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
 
 
@@ -268,12 +271,12 @@ def test_a_version_past_the_replica_limit_evicts_the_least_recently_used(served:
     client = served.client()
 
     def ask(version: str) -> str:
-        reply = client.chat.completions.create(model=f"{MODEL}/{version}", messages=_ask(question, png))
+        reply = client.chat.completions.create(model=f"{served.model}/{version}", messages=_ask(question, png))
         return reply.choices[0].message.content
 
     answers = {v: ask(v) for v in ("1", "2", "3")}  # limit 2: asking for 3 evicts 1, the least recently used
     deadline = time.monotonic() + 30
-    while (health := served.get("/health"))["versions"] != [f"{MODEL}/2", f"{MODEL}/3"]:
+    while (health := served.get("/health"))["versions"] != [f"{served.model}/2", f"{served.model}/3"]:
         assert time.monotonic() < deadline, f"version 1 was not detached: {health}"
         time.sleep(0.2)
     assert health["bases"] == 1
@@ -295,7 +298,7 @@ def test_promotion_moves_the_alias_traffic_with_no_failed_request(served: Served
     def loop() -> None:
         while not stop.is_set():
             try:
-                reply = client.chat.completions.create(model=MODEL, messages=_ask(question, png))
+                reply = client.chat.completions.create(model=served.model, messages=_ask(question, png))
                 seen.append((time.monotonic(), reply.choices[0].message.content))
             except BaseException as exc:  # noqa: BLE001  (every failure is the test's finding)
                 failures.append(exc)
@@ -308,7 +311,7 @@ def test_promotion_moves_the_alias_traffic_with_no_failed_request(served: Served
         moved_at = time.monotonic()
         assert served.registry.promote("2", force=True).promoted
         deadline = moved_at + 60
-        while served.get("/health")["serves"] != f"{MODEL}/2":
+        while served.get("/health")["serves"] != f"{served.model}/2":
             assert time.monotonic() < deadline, "the endpoint did not follow @champion within 60 s"
             time.sleep(0.5)
         followed = time.monotonic()
@@ -322,7 +325,7 @@ def test_promotion_moves_the_alias_traffic_with_no_failed_request(served: Served
     assert any(text == expected["1"] for at, text in seen if at < moved_at)
     late = [text for at, text in seen if at > followed + 1]
     assert late and set(late) == {expected["2"]}
-    assert {m.id: m for m in client.models.list().data}[MODEL].duet["serves"] == f"{MODEL}/2"
+    assert {m.id: m for m in client.models.list().data}[served.model].duet["serves"] == f"{served.model}/2"
 
 
 # ---------------------------------------------------------------- without a server

@@ -160,6 +160,9 @@ class DuetServer:
             ref = self.alias_target
         elif ref.alias is not None:
             ref = await asyncio.to_thread(self.catalog.resolve, ref)
+        if ref.artifact is None and ref.key not in self.engine.versions:
+            # Before the multiplexed loader, which logs every failed load as a server error.
+            await asyncio.to_thread(self.catalog.check, ref)
         return (await self._load(ref.key)).version
 
     async def _follow_alias(self) -> None:

@@ -135,11 +135,8 @@ class Catalog:
                            param="model", kind="not_found_error") from None
         return ModelRef(ref.name, version=str(version.version))
 
-    def fetch(self, ref: ModelRef) -> Package:
-        """The version's files, downloaded from the registry to a folder of this process."""
-        if ref.artifact:
-            return Package(ref.key, self.cfg, ref.artifact)
-        import mlflow.artifacts
+    def check(self, ref: ModelRef) -> None:
+        """A registry version that does not exist is a 404 naming it."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -147,6 +144,14 @@ class Catalog:
         except MlflowException:
             raise APIError(404, f"model {ref.name!r} has no version {ref.version} in the registry",
                            param="model", kind="not_found_error") from None
+
+    def fetch(self, ref: ModelRef) -> Package:
+        """The version's files, downloaded from the registry to a folder of this process."""
+        if ref.artifact:
+            return Package(ref.key, self.cfg, ref.artifact)
+        import mlflow.artifacts
+
+        self.check(ref)
         root = storage.cache_root() / "serve"
         root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{ref.name}-{ref.version}-", dir=root))

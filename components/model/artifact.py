@@ -224,13 +224,17 @@ def _projector_prefix(model: nn.Module) -> str:
 
 def load_projector_weights(model: nn.Module, folder: str | Path, where: str) -> None:
     """Load VCE + projector weights (safetensors: no pickle) from a local artifact folder into `model`."""
-    load_bridge_weights(projector_module(model), folder, where)
+    weights = load((Path(folder) / ARTIFACT_WEIGHTS).read_bytes())  # read first: a bad file fails as itself
+    _fill_bridge(projector_module(model), weights, where)
 
 
 def load_bridge_weights(bridge: nn.Module, folder: str | Path, where: str) -> None:
     """Load VCE + projector weights from a local artifact folder into the bridge module itself
     (a VCEProjector, or the plain projector when VCE is off)."""
-    weights = load((Path(folder) / ARTIFACT_WEIGHTS).read_bytes())
+    _fill_bridge(bridge, load((Path(folder) / ARTIFACT_WEIGHTS).read_bytes()), where)
+
+
+def _fill_bridge(bridge: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
     missing, unexpected = bridge.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ArtifactError(

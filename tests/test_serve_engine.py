@@ -116,3 +116,19 @@ def test_unloading_detaches_the_adapter_and_the_last_version_takes_the_base(
     assert [r.text for r in engine.generate(first, [Job(prompts[0], images[0], 12)])] == expected
     engine.unload("first")
     assert not engine.bases and not engine.versions
+
+
+def test_an_evicted_version_loaded_again_meanwhile_is_detached_as_itself(
+        eval_setup: EvalSetup, second_stage2: str) -> None:  # noqa: F811
+    engine = Engine("cpu")
+    keep = engine.load(Package("keep", eval_setup.cfg, eval_setup.stage2))
+    old = engine.load(Package("again", eval_setup.cfg, second_stage2))
+    new = engine.load(Package("again", eval_setup.cfg, second_stage2))  # loaded again before `old` was freed
+    assert engine.versions["again"] is new and keep.base is old.base is new.base
+    engine.unload(old)
+    assert engine.versions["again"] is new and old.adapter not in new.base.adapters
+    assert set(new.base.adapters) == {keep.adapter, new.adapter}
+    engine.unload(old)  # twice (Serve's eviction, then the garbage collector): nothing more happens
+    prompts, images = requests(eval_setup, 1)
+    expected = Generator(eval_setup.cfg, second_stage2, eval_setup.base, "cpu").generate(prompts, images, 12)
+    assert [r.text for r in engine.generate(new, [Job(prompts[0], images[0], 12)])] == expected

@@ -150,8 +150,8 @@ class DuetServer:
                 version = self._retired.popleft()
                 if version.users:
                     keep.append(version)
-                elif self.engine.versions.get(version.key) is version:
-                    self.engine.unload(version.key)
+                else:  # also when the same key was loaded again since: this object's adapter goes
+                    self.engine.unload(version)
             self._retired.extend(keep)
 
     async def _version_for(self, model: str) -> Version:

@@ -81,6 +81,7 @@ class Version:
     package: Package
     base: SharedBase | None = field(default=None, repr=False)
     users: int = 0  # requests holding it (counted by the server): an evicted version waits for them
+    detached: bool = False
 
 
 def _digest_dir(path: Path) -> str:
@@ -178,12 +179,16 @@ class Engine:
             self.versions[package.key] = version
         return version
 
-    def unload(self, key: str) -> None:
-        """Detach a version; its base goes too when no other version uses it."""
+    def unload(self, key: str | Version) -> None:
+        """Detach a version (by key, or that very object: a version loaded again under its key is another
+        object); its base goes too when no other version uses it."""
         with self._lock:
-            version = self.versions.pop(key, None)
-            if version is None or version.base is None:
+            version = self.versions.get(key) if isinstance(key, str) else key
+            if version is None or version.base is None or version.detached:
                 return
+            version.detached = True
+            if self.versions.get(version.key) is version:
+                del self.versions[version.key]
             base = version.base
             if not any(v.base is base for v in self.versions.values()):
                 self.bases = {k: b for k, b in self.bases.items() if b is not base}

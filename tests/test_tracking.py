@@ -269,3 +269,21 @@ def test_redaction_does_not_race_threads_that_change_the_environment() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_as_default_leaves_the_process_uris_as_it_found_them(tmp_path, monkeypatch) -> None:
+    """Restoring the resolved defaults would pin them into MLFLOW_*_URI for every later client."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    from components.config import TrackingSection
+    from components.tracking.tracker import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = registry_utils._registry_uri
+    tracker = Tracker(TrackingSection(tracking_uri=f"sqlite:///{tmp_path / 'a.db'}"), str(tmp_path))
+    with tracker.as_default():
+        assert mlflow.get_registry_uri() == tracker.uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert registry_utils._registry_uri == before

@@ -198,15 +198,30 @@ class Tracker:
 
     @contextmanager
     def as_default(self) -> Iterator[None]:
-        """Point MLflow's process-wide URIs at this store for a block, for APIs that take no client."""
-        old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        """Point MLflow's process-wide URIs at this store for a block, for APIs that take no client.
+
+        Afterwards the process is as before, unset URIs unset: restoring the *resolved* defaults instead
+        (mlflow.get_tracking_uri()) would pin them, and write them into MLFLOW_TRACKING_URI and
+        MLFLOW_REGISTRY_URI for every later client and subprocess.
+        """
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+        saved_env = {name: os.environ.get(name) for name in names}
+        saved_tracking, saved_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         try:
             yield
         finally:
-            mlflow.set_tracking_uri(old_tracking)
-            mlflow.set_registry_uri(old_registry)
+            mlflow.set_tracking_uri(saved_tracking)  # None unsets it
+            registry_utils._registry_uri = saved_registry
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     # ------------------------------------------------------------ experiment and runs
 

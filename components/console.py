@@ -20,6 +20,11 @@ def say(message: str) -> None:
     print(f"{PREFIX} {message}", flush=True)
 
 
+def warn(message: str) -> None:
+    """Something the user should know that did not stop the run (standard error)."""
+    print(f"{PREFIX} warning: {message}", file=sys.stderr, flush=True)
+
+
 def error(message: str) -> None:
     """A user-facing error line on standard error."""
     print(f"{PREFIX} error: {message}", file=sys.stderr, flush=True)

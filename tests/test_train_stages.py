@@ -7,6 +7,7 @@ serve every test; the stage-1 reference run is shared by the comparisons.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -122,6 +123,32 @@ def test_killed_worker_resumes_without_lost_or_repeated_steps(work: Path, cluste
     # Steps 1..N exactly once after the rollback to the step-2 checkpoint, and the same losses as the
     # uninterrupted run: no optimizer step was lost or repeated and the data position was restored.
     torch.testing.assert_close(_losses(result), _losses(stage1), rtol=2e-4, atol=2e-4)
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
+    work: Path, cluster: dict[int, StageData], stage1: StageResult, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A copy of the reference run (Ray Train's records name checkpoints relative to the run folder), its
+    # newest checkpoint (step 6) damaged by one flipped bit in a weight file; ranks 0 and 1 both wrote it.
+    assert stage1.checkpoint_path is not None
+    latest = Path(stage1.checkpoint_path)
+    copy = latest.parent.with_name("damaged-stage1")
+    shutil.copytree(latest.parent, copy)
+    weights = copy / latest.name / "state" / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert len(list((copy / latest.name).glob("duet-files-rank*.json"))) == 2
+
+    cfg = _config(work, "run.name=ref")
+    result = run_stage(cfg, 1, cluster[1], run_name="damaged-stage1", artifact=str(work / "damaged-art"))
+    err = capfd.readouterr().err
+    assert f"checkpoint {copy / latest.name} is damaged and was not loaded: state/mp_rank_00_model_states.pt " \
+           "does not match the sha256" in err, err[-2000:]
+    # Resumed from the step-4 checkpoint: steps 5 and 6 once more, with the uninterrupted run's losses.
+    assert [row["step"] for row in result.history] == [STEPS - 1, STEPS]
+    torch.testing.assert_close([row["loss"] for row in result.history], _losses(stage1)[-2:], rtol=2e-4, atol=2e-4)
+    assert (work / "damaged-art" / "artifact.json").is_file()
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -13,7 +13,6 @@ damaged one, naming the file. Artifacts written before `run_id` and `files` exis
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from components import storage
+from components.checksums import file_records, mismatches
 from components.config import DuetConfig, StorageSection, dump_config
 from components.errors import ArtifactError
 from components.model.adapters.apply import is_adapter_param, load_adapter
@@ -105,25 +105,6 @@ def vce_signature(cfg: DuetConfig) -> dict[str, Any]:
     return cfg.vce.model_dump(mode="json")
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of the weight and adapter files under `folder`, by relative path.
-
-    config.yaml describes the run and is left out: a package replaces it with a redacted copy.
-    """
-    return {
-        file.relative_to(folder).as_posix(): {"size": file.stat().st_size, "sha256": _sha256(file)}
-        for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ARTIFACT_CONFIG)
-    }
-
-
 def save_stage_artifact(
     model: nn.Module, cfg: DuetConfig, stage: int, uri: str, data_digest: str | None,
     state: dict[str, torch.Tensor] | None = None, run_id: str | None = None,
@@ -149,7 +130,7 @@ def save_stage_artifact(
         meta = ArtifactMeta(
             stage=stage, model_signature=model_signature(cfg), vce_signature=vce_signature(cfg),
             data_digest=data_digest, adapter_type=cfg.adapter.type if stage == 2 else None, run_id=run_id,
-            files=_file_records(out),
+            files=file_records(out, skip=[ARTIFACT_CONFIG]),  # a package replaces config.yaml with a redacted copy
         )
         storage.copy_dir(str(out), uri, cfg.storage)
         storage.write_text(storage.join(uri, ARTIFACT_META), json.dumps(meta.__dict__, indent=2, sort_keys=True),
@@ -202,15 +183,12 @@ def local_artifact(uri: str, storage_cfg: StorageSection | None = None) -> tuple
     meta = read_artifact_meta(uri, storage_cfg)
     folder = Path(storage.resolve(uri)[1]) if not storage.is_remote(uri) else storage.local_copy(
         uri, storage_cfg, kind="artifacts")
-    for rel, record in (meta.files or {}).items():
-        file = folder / rel
-        if not file.is_file():
-            raise ArtifactError(f"stage artifact {uri}: {rel} is missing (artifact.json lists it); re-run the stage")
-        if file.stat().st_size != record.get("size") or _sha256(file) != record.get("sha256"):
-            raise ArtifactError(
-                f"stage artifact {uri}: {rel} does not match the checksum artifact.json records (damaged or "
-                "partly overwritten); re-run the stage that wrote it"
-            )
+    problems = mismatches(folder, meta.files or {})
+    if problems:
+        raise ArtifactError(
+            f"stage artifact {uri} is damaged or incomplete ({'; '.join(problems)}; artifact.json records every "
+            "file's size and sha256): re-run the stage that wrote it, or restore the folder from a good copy"
+        )
     return folder, meta
 
 

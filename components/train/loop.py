@@ -7,8 +7,9 @@ optimizer step then always covers global records [s*G, (s+1)*G), and the loss
 is the mean over samples of each sample's token-mean cross-entropy, so the
 step's loss and gradient do not depend on how the batch was split.
 
-Resume: checkpoints hold the trainable weights, optimizer, scheduler and the
-step; a restarted worker loads them and skips the micro-batches already consumed
+Resume: checkpoints hold the trainable weights, optimizer, scheduler, the
+step and a manifest per rank (`components.train.checkpoint_files`: a damaged
+latest checkpoint is passed over for the newest intact one); a restarted worker loads them and skips the micro-batches already consumed
 in the current epoch, so no optimizer step is repeated or lost.
 """
 
@@ -40,6 +41,7 @@ from components.data.dataset import make_collate
 from components.errors import DuetError
 from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
+from components.train.checkpoint_files import intact_checkpoint, write_manifest
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
 from components.train.settings import VAL_MEASURED, LoopSettings, total_steps
 
@@ -107,11 +109,13 @@ def _all_mean(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _save_checkpoint(engine: Any, step: int, metrics: dict[str, float]) -> None:
-    """DeepSpeed state (trainable weights only) + progress, reported through Ray Train on every rank."""
+def _save_checkpoint(engine: Any, step: int, metrics: dict[str, float], rank: int, world: int) -> None:
+    """DeepSpeed state (trainable weights only) + progress + this rank's manifest of what it wrote, reported
+    through Ray Train on every rank."""
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
         Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step}))
+        write_manifest(Path(tmp), rank, world, step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -169,12 +173,13 @@ def load_checkpoint_dir(engine: Any, path: str | Path) -> int:
     return int(json.loads(Path(path, PROGRESS_FILE).read_text())["step"])
 
 
-def _restore(engine: Any) -> int:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as path:
-        return load_checkpoint_dir(engine, path)
+def _restore(engine: Any, sink: Any, rank: int) -> int:
+    """Load the newest intact checkpoint of the run (0 when there is none); rank 0 tells the driver which
+    damaged ones it passed over."""
+    with intact_checkpoint(ray.train.get_checkpoint()) as resume:
+        if resume.damaged and rank == 0 and sink is not None:
+            sink.damaged.remote(resume.damaged, resume.name)
+        return 0 if resume.folder is None else load_checkpoint_dir(engine, resume.folder)
 
 
 def _batches(dataset_name: str, plan: BatchPlan, collate: Any):
@@ -242,7 +247,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(cfg.deepspeed, plan, precision),
     )
-    step = _restore(engine)
+    step = _restore(engine, settings.metrics_sink, rank)
     if step and rank == 0 and settings.metrics_sink is not None:  # the driver says so, also with no step left
         settings.metrics_sink.resumed.remote(step)
     collate = make_collate(settings.processor_dir, cfg.storage)
@@ -294,7 +299,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
             if rank == 0 and settings.metrics_sink is not None:
                 settings.metrics_sink.push.remote(settings.stage, metrics)
             if step % stage_cfg.checkpoint_every == 0 or step == steps:
-                _save_checkpoint(engine, step, metrics)
+                _save_checkpoint(engine, step, metrics, rank, world)
             else:
                 ray.train.report(metrics)
             window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()

@@ -21,11 +21,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from components import storage
 from components.cluster import use_gpu_for_training
 from components.config import DuetConfig
-from components.console import say
+from components.console import say, warn
 from components.data.dataset import build_dataset
 from components.layout import artifact_uri, storage_root, trainer_run_name
 from components.model.artifact import check_compatible
 from components.quiet import quiet_training_worker
+from components.train.checkpoint_files import Damaged
 from components.train.settings import LoopSettings, total_steps
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class MetricsSink:
     def __init__(self) -> None:
         self._rows: list[dict[str, Any]] = []
         self._resumed: list[int] = []
+        self._damaged: list[tuple[Damaged, str | None]] = []
 
     def push(self, stage: int, metrics: dict[str, Any]) -> None:
         self._rows.append({"stage": stage, **metrics})
@@ -70,9 +72,14 @@ class MetricsSink:
         """A worker group restored a checkpoint taken at `step` (it may have no step left to train)."""
         self._resumed.append(step)
 
-    def drain(self) -> tuple[list[dict[str, Any]], list[int]]:
-        rows, resumed, self._rows, self._resumed = self._rows, self._resumed, [], []
-        return rows, resumed
+    def damaged(self, damaged: Damaged, used: str | None) -> None:
+        """A worker group passed over damaged checkpoints (name, problems) and loaded `used` (None: none)."""
+        self._damaged.append((damaged, used))
+
+    def drain(self) -> tuple[list[dict[str, Any]], list[int], list[tuple[Damaged, str | None]]]:
+        drained = self._rows, self._resumed, self._damaged
+        self._rows, self._resumed, self._damaged = [], [], []
+        return drained
 
 
 def worker_datasets(cfg: DuetConfig, data: StageData, world: int) -> dict[str, ray.data.Dataset]:
@@ -128,6 +135,7 @@ def run_stage(
     name = run_name or trainer_run_name(cfg, stage)
     out_uri = artifact or artifact_uri(cfg, stage)
     fs, root = storage.resolve(storage_root(cfg), cfg.storage)
+    name_in_storage = storage.join(storage_root(cfg), name)
     sink = MetricsSink.remote()
     settings = LoopSettings(
         config=cfg.model_dump(mode="json"), stage=stage, num_train_samples=data.num_train_samples,
@@ -159,7 +167,13 @@ def run_stage(
     stop = threading.Event()
 
     def drain() -> None:
-        rows, resumed = ray.get(sink.drain.remote())
+        rows, resumed, damaged = ray.get(sink.drain.remote())
+        for passed_over, used in damaged:
+            for checkpoint_name, problems in passed_over:
+                warn(f"stage{stage}: checkpoint {storage.join(name_in_storage, checkpoint_name)} is damaged and was not loaded: "
+                     + "; ".join(problems))
+            if used is None:
+                warn(f"stage{stage}: no intact checkpoint is left, training starts again from step 0")
         for resumed_step in resumed:
             say(f"stage{stage}: resumed from checkpoint at step {resumed_step}")
         for row in rows:

@@ -48,6 +48,8 @@ class RunSection(Section):
     name: str = Field("duet", min_length=1, description="Stable run name; re-running a name resumes it.")
     seed: Seed = 0
     work_dir: str = Field(".duet", description="Local folder for the embedded defaults (Ray storage, MLflow).")
+    wait_for_lock_s: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="How long a run waits for another live run of the same name to end (0: refuse at once).")
 
 
 class StorageSection(Section):

@@ -13,6 +13,7 @@ from components.evaluate.score import EvalResult
 from components.layout import (
     split_uri,
 )
+from components.locks import holds_run_lock
 from components.packaging import log_pyfunc
 from components.registry import Registry
 from components.tracking.tags import (
@@ -95,6 +96,7 @@ def register_and_promote(cfg: DuetConfig, tracker: Tracker, stage2: StepOutcome,
     say(f"promote: {decision}")
 
 
+@holds_run_lock
 def run_full(cfg: DuetConfig) -> Summary:
     """Data -> stage 1 -> (sweep) -> stage 2 -> evaluate (zero-shot, fine-tuned, blind) -> register -> promote."""
     cfg = cfg.with_absolute_paths()

@@ -17,9 +17,8 @@ from components.config import ConfigError, DuetConfig
 from components.console import say
 from components.data.prepare import SplitResult, prepare
 from components.data.shards import read_manifest, shard_uris
-from components.layout import (
-    split_uri,
-)
+from components.layout import dataset_uri, split_uri
+from components.locks import build_lock
 from components.model.llava import local_checkpoint
 from components.model.tiny import built_recipe, save_tiny_checkpoint, tiny_recipe
 from components.quiet import quiet_driver
@@ -69,7 +68,8 @@ def start(cfg: DuetConfig, stages: tuple[int, ...] = (1, 2)) -> Workspace:
 
 def ensure_dataset(cfg: DuetConfig) -> dict[str, SplitResult]:
     """Write the dataset's splits, re-using every split whose manifest already matches its inputs."""
-    results = {r.split: r for r in prepare(cfg.data, cfg.storage, progress=say)}
+    with build_lock(cfg, dataset_uri(cfg.data)):  # a run writing the same dataset is waited for, then reused
+        results = {r.split: r for r in prepare(cfg.data, cfg.storage, progress=say)}
     for result in results.values():
         state = "reused" if result.reused else "written"
         say(f"data {result.split}: {result.manifest.count} records, digest {result.manifest.digest[:12]} ({state})")
@@ -85,16 +85,17 @@ def ensure_base_model(cfg: DuetConfig, splits: dict[str, SplitResult]) -> tuple[
     texts = _warmup_texts(cfg, splits)
     layers = [cfg.vce.anchor_layer, *cfg.vce.reference_layers]
     recipe = tiny_recipe(cfg.model.tiny, texts, cfg.run.seed, layers)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if built_recipe(path) == recipe:
-            say(f"base model: {path} (reused)")
-            return path, True
-        say(f"base model: {path} was built from another recipe (model.tiny, the warm-up texts, the VCE layers "
-            "or run.seed changed); rebuilding it")
-    tiny = cfg.model.tiny
-    say(f"base model: building the tiny LLaVA at {path} (vision tower: {tiny.vision_warmup_steps} warm-up steps "
-        f"on its own scenes; language model: {tiny.warmup_steps} steps on {len(texts)} texts)")
-    return save_tiny_checkpoint(tiny, path, texts, seed=cfg.run.seed, vision_layers=layers), False
+    with build_lock(cfg, path):  # a run building the same base is waited for, then its base reused
+        if os.path.isfile(os.path.join(path, "config.json")):
+            if built_recipe(path) == recipe:
+                say(f"base model: {path} (reused)")
+                return path, True
+            say(f"base model: {path} was built from another recipe (model.tiny, the warm-up texts, the VCE layers "
+                "or run.seed changed); rebuilding it")
+        tiny = cfg.model.tiny
+        say(f"base model: building the tiny LLaVA at {path} (vision tower: {tiny.vision_warmup_steps} warm-up "
+            f"steps on its own scenes; language model: {tiny.warmup_steps} steps on {len(texts)} texts)")
+        return save_tiny_checkpoint(tiny, path, texts, seed=cfg.run.seed, vision_layers=layers), False
 
 
 def _warmup_texts(cfg: DuetConfig, splits: dict[str, SplitResult], limit: int = 4000) -> list[str]:

@@ -24,6 +24,7 @@ from components.config import DuetConfig, config_from_dict
 from components.console import say
 from components.errors import DuetError
 from components.layout import storage_root, study_dir
+from components.locks import holds_run_lock
 from components.quiet import quiet_tune
 from components.study.figure import figure_5
 from components.study.results import StudyTable, Trial, summarise, to_csv, to_markdown
@@ -64,6 +65,7 @@ class StudyOutcome:
     figure_path: str | None = None
 
 
+@holds_run_lock
 def run_study(cfg: DuetConfig, name: str | None = None) -> StudyOutcome:
     """Resolve, train what is missing, publish. A config error in any variant stops it before any work."""
     cfg = cfg.with_absolute_paths()

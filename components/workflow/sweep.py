@@ -7,12 +7,14 @@ from components.console import say
 from components.layout import (
     best_config_path,
 )
+from components.locks import holds_run_lock
 from components.tune.space import check_sweepable
 from components.tune.sweep import SweepResult, format_trials, sweep
 from components.workflow.startup import stage_data, start
 from components.workflow.tracked_stage import tracked_stage
 
 
+@holds_run_lock
 def run_sweep(cfg: DuetConfig, output: str | None = None) -> SweepResult:
     """What pipelines/sweep.py runs: start-up, stage 1 (or its reuse), the Tune sweep, the trials table."""
     cfg = cfg.with_absolute_paths()  # trials and their workers run in other directories

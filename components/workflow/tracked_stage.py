@@ -20,6 +20,7 @@ from components.layout import (
     storage_root,
     unsent_metrics_uri,
 )
+from components.locks import holds_run_lock
 from components.model.artifact import check_compatible
 from components.quiet import quiet_driver
 from components.tracking.buffer import MetricsBuffer
@@ -162,6 +163,7 @@ def _final_metrics(result: StageResult) -> dict[str, Any]:
     return {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
 
 
+@holds_run_lock
 def run_single_stage(cfg: DuetConfig, stage: int, stage1_artifact: str | None = None) -> StepOutcome:
     """What pipelines/pretrain.py and finetune.py run: start-up, then one tracked stage.
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -157,8 +158,9 @@ def test_tracking_server_down_at_start_stops_before_any_work(tmp_path: Path, ent
     assert time.monotonic() - started < 20, "fails fast"
     assert uri in str(err.value) and "tracking.tracking_uri" in str(err.value)
     assert not started_ray, "no Ray cluster was started for nothing"
-    leftovers = sorted(p.name for p in (tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else []
-    assert not {"runs", "datasets", "base"} & set(leftovers), f"work was done before the check: {leftovers}"
+    written = sorted(str(p.relative_to(tmp_path / "work")) for p in (tmp_path / "work").rglob("*") if p.is_file())
+    # Only the run's lock (taken first, released on the way out) exists: no data, base or run state.
+    assert written == ["runs/.locks/demo.lock"], f"work was done before the check: {written}"
 
 
 # ---------------------------------------------------------------- the driver killed mid-stage
@@ -179,9 +181,16 @@ def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_pa
             while checkpoints(work / "runs") == 0 and first.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert first.poll() is None, "the first run ended before its first checkpoint"
+            # A second driver on the same run while the first one trains: refused at start, naming the holder.
+            rival = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            assert first.poll() is None, "the first run ended while the second one was refused"
             os.killpg(first.pid, signal.SIGKILL)  # the driver and what shares its session, no clean-up
             first.wait(timeout=30)
         end_leftovers(ray_tmp)
+        assert rival.returncode == 1, rival.stdout + rival.stderr
+        assert f"[duet] error: run 'demo' is already running (host {socket.gethostname()}, pid {first.pid}, " \
+               "started " in rival.stderr, rival.stderr
+        assert rival.stdout == "", "refused before anything was planned or written"
         killed_at = checkpoints(work / "runs")
         assert not (work / "runs/demo/stage1/artifact/artifact.json").exists(), "killed mid-stage"
 
@@ -194,6 +203,8 @@ def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_pa
         end_leftovers(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
+    assert re.search(rf"\[duet\] run 'demo': taking over the lock left by run 'demo' \(host \S+, pid {first.pid}, "
+                     r"started [^)]+\), which is no longer running", out), out[:3000]
     reused = re.findall(r"\[duet\] data (\w+): \d+ records, digest \w+ \((\w+)\)", out)
     assert sorted(reused) == [(s, "reused") for s in ("caption", "test", "train", "validation")], reused
     assert re.search(r"\[duet\] base model: .* \(reused\)", out)

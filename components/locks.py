@@ -13,7 +13,6 @@ file locks: runs that share a bucket are kept apart only when they share the wor
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -24,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
 
 from components import storage
 from components.config import DuetConfig
@@ -32,7 +30,6 @@ from components.console import say
 from components.errors import DuetError
 from components.layout import storage_root
 
-T = TypeVar("T")
 POLL_S = 1.0
 BUILD_WAIT_S = 3600.0  # how long a second builder of a shared path waits for the first one
 
@@ -154,13 +151,3 @@ def build_lock(cfg: DuetConfig, uri: str) -> Iterator[None]:
     with exclusive(build_lock_file(cfg, uri), uri, f"run '{cfg.run.name}'", BUILD_WAIT_S, on_wait, refusal):
         yield
 
-
-def holds_run_lock(entry: Callable[..., T]) -> Callable[..., T]:
-    """Run a pipeline entry point `entry(cfg, ...)` holding the lock of `cfg.run.name` throughout."""
-
-    @functools.wraps(entry)
-    def locked(cfg: DuetConfig, *args: Any, **kwargs: Any) -> T:
-        with run_lock(cfg.with_absolute_paths()):
-            return entry(cfg, *args, **kwargs)
-
-    return locked

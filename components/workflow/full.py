@@ -13,7 +13,7 @@ from components.evaluate.score import EvalResult
 from components.layout import (
     split_uri,
 )
-from components.locks import holds_run_lock
+from components.locks import run_lock
 from components.packaging import log_pyfunc
 from components.registry import Registry
 from components.tracking.tags import (
@@ -96,7 +96,6 @@ def register_and_promote(cfg: DuetConfig, tracker: Tracker, stage2: StepOutcome,
     say(f"promote: {decision}")
 
 
-@holds_run_lock
 def run_full(cfg: DuetConfig) -> Summary:
     """Data -> stage 1 -> (sweep) -> stage 2 -> evaluate (zero-shot, fine-tuned, blind) -> register -> promote."""
     cfg = cfg.with_absolute_paths()
@@ -104,55 +103,56 @@ def run_full(cfg: DuetConfig) -> Summary:
         raise ConfigError("data.test_fraction is 0: the pipeline evaluates on a held-out test split before it "
                           "promotes a model; set data.test_fraction > 0 (e.g. 0.05)")
     say("plan:\n" + plan_text(cfg))
-    ws = start(cfg)
-    cfg, tracker, splits, base_dir = ws.cfg, ws.tracker, ws.splits, ws.base_dir
-    summary = Summary(steps=[])
-    summary.record("data", all(s.reused for s in splits.values()),
-                   ", ".join(f"{k}={v.manifest.count}" for k, v in splits.items()))
-    summary.record("base model", ws.base_reused, base_dir)
-    if "test" not in splits:
-        raise ConfigError(f"dataset {cfg.data.name!r} has no test split (too few records for data.test_fraction="
-                          f"{cfg.data.test_fraction}): add records or raise data.test_fraction")
-    with tracker.parent_run(cfg.run.name, tags={TAG_CONFIG_HASH: cfg.hash()}) as parent:
-        summary.parent_run_id = parent
-        tracker.log_config(parent, cfg)
-        stage1 = tracked_stage(cfg, tracker, parent, 1, stage_data(cfg, 1, base_dir))
-        summary.stage1 = stage1
-        summary.record("stage 1", stage1.reused, f"run {stage1.run_id}")
-        cfg2 = cfg
-        if cfg.tune.enabled:
-            result = sweep(cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent,
-                           stage1_run_id=stage1.run_id)
-            summary.best_config = result.best_config_path
-            cfg2 = apply_best(cfg, result.best_params)
-            summary.record("sweep", False, f"best config {result.best_config_path}")
-        stage2 = tracked_stage(cfg2, tracker, parent, 2, stage_data(cfg2, 2, base_dir), stage1=stage1)
-        summary.stage2 = stage2
-        summary.record("stage 2", stage2.reused, f"run {stage2.run_id}")
-        evaluations: dict[str, EvalResult] = {}
-        for name, stage, blind in EVALUATIONS:
-            if blind and not cfg2.eval.blind_baseline:
-                continue
-            outcome = stage1 if stage == 1 else stage2
-            run_id, evaluated, reused = tracked_evaluation(
-                cfg2, tracker, parent, name, outcome.artifact_uri, base_dir, splits["test"], outcome, blind=blind
-            )
-            evaluations[name] = evaluated
-            summary.record(f"evaluate {name}", reused,
-                           f"run {run_id}, score {evaluated.metrics.get('score', 0):.2f}")
-        summary.evaluations = evaluations
-        registered = dict(evaluations["fine-tuned"].metrics)
-        if "blind" in evaluations:
-            registered |= vision_metrics(evaluations["fine-tuned"], evaluations["blind"])
-        register_and_promote(cfg2, tracker, stage2, registered, summary)
-        tracker.set_tags(parent, {TAG_STAGE1_RUN: stage1.run_id, TAG_STAGE2_RUN: stage2.run_id})
-    say("metrics on the held-out test split:\n" + comparison_table(evaluations, DIFFERENCES))
-    fine_tuned = evaluations["fine-tuned"].per_sample
-    if fine_tuned is not None:
-        blind_table = evaluations["blind"].per_sample if "blind" in evaluations else None
-        say("held-out examples (fine-tuned model):\n" + examples_text(example_rows(fine_tuned), blind_table))
-    say("summary:\n" + summary_text(cfg2, summary, tracker))
-    return summary
+    with run_lock(cfg):  # after the checks above: a refused config writes nothing
+        ws = start(cfg)
+        cfg, tracker, splits, base_dir = ws.cfg, ws.tracker, ws.splits, ws.base_dir
+        summary = Summary(steps=[])
+        summary.record("data", all(s.reused for s in splits.values()),
+                       ", ".join(f"{k}={v.manifest.count}" for k, v in splits.items()))
+        summary.record("base model", ws.base_reused, base_dir)
+        if "test" not in splits:
+            raise ConfigError(f"dataset {cfg.data.name!r} has no test split (too few records for data.test_fraction="
+                              f"{cfg.data.test_fraction}): add records or raise data.test_fraction")
+        with tracker.parent_run(cfg.run.name, tags={TAG_CONFIG_HASH: cfg.hash()}) as parent:
+            summary.parent_run_id = parent
+            tracker.log_config(parent, cfg)
+            stage1 = tracked_stage(cfg, tracker, parent, 1, stage_data(cfg, 1, base_dir))
+            summary.stage1 = stage1
+            summary.record("stage 1", stage1.reused, f"run {stage1.run_id}")
+            cfg2 = cfg
+            if cfg.tune.enabled:
+                result = sweep(cfg, stage_data(cfg, 2, base_dir), stage1.artifact_uri, tracker, parent,
+                               stage1_run_id=stage1.run_id)
+                summary.best_config = result.best_config_path
+                cfg2 = apply_best(cfg, result.best_params)
+                summary.record("sweep", False, f"best config {result.best_config_path}")
+            stage2 = tracked_stage(cfg2, tracker, parent, 2, stage_data(cfg2, 2, base_dir), stage1=stage1)
+            summary.stage2 = stage2
+            summary.record("stage 2", stage2.reused, f"run {stage2.run_id}")
+            evaluations: dict[str, EvalResult] = {}
+            for name, stage, blind in EVALUATIONS:
+                if blind and not cfg2.eval.blind_baseline:
+                    continue
+                outcome = stage1 if stage == 1 else stage2
+                run_id, evaluated, reused = tracked_evaluation(
+                    cfg2, tracker, parent, name, outcome.artifact_uri, base_dir, splits["test"], outcome, blind=blind
+                )
+                evaluations[name] = evaluated
+                summary.record(f"evaluate {name}", reused,
+                               f"run {run_id}, score {evaluated.metrics.get('score', 0):.2f}")
+            summary.evaluations = evaluations
+            registered = dict(evaluations["fine-tuned"].metrics)
+            if "blind" in evaluations:
+                registered |= vision_metrics(evaluations["fine-tuned"], evaluations["blind"])
+            register_and_promote(cfg2, tracker, stage2, registered, summary)
+            tracker.set_tags(parent, {TAG_STAGE1_RUN: stage1.run_id, TAG_STAGE2_RUN: stage2.run_id})
+        say("metrics on the held-out test split:\n" + comparison_table(evaluations, DIFFERENCES))
+        fine_tuned = evaluations["fine-tuned"].per_sample
+        if fine_tuned is not None:
+            blind_table = evaluations["blind"].per_sample if "blind" in evaluations else None
+            say("held-out examples (fine-tuned model):\n" + examples_text(example_rows(fine_tuned), blind_table))
+        say("summary:\n" + summary_text(cfg2, summary, tracker))
+        return summary
 
 
 def summary_text(cfg: DuetConfig, summary: Summary, tracker: Tracker) -> str:

@@ -24,7 +24,7 @@ from components.config import DuetConfig, config_from_dict
 from components.console import say
 from components.errors import DuetError
 from components.layout import storage_root, study_dir
-from components.locks import holds_run_lock
+from components.locks import run_lock
 from components.quiet import quiet_tune
 from components.study.figure import figure_5
 from components.study.results import StudyTable, Trial, summarise, to_csv, to_markdown
@@ -65,47 +65,47 @@ class StudyOutcome:
     figure_path: str | None = None
 
 
-@holds_run_lock
 def run_study(cfg: DuetConfig, name: str | None = None) -> StudyOutcome:
     """Resolve, train what is missing, publish. A config error in any variant stops it before any work."""
     cfg = cfg.with_absolute_paths()
     resolved = resolve_study(cfg, name)  # every variant's config validated before Ray starts
     say(plan_text(resolved))
-    ws = start(cfg)
-    tracker = ws.tracker
-    parent_tags = {TAG_STUDY: resolved.name, TAG_STUDY_RUN: cfg.run.name}
-    previous = tracker.find_run({**parent_tags, TAG_KIND: PIPELINE_KIND}, finished_only=False)
-    with tracker.parent_run(f"{cfg.run.name}-study-{resolved.name}", tags=parent_tags,
-                            run_id=previous.info.run_id if previous else None) as parent:
-        tracker.set_tags(parent, {TAG_CONFIG_HASH: cfg.hash()})
-        plans = trial_plans(resolved, ws, tracker, parent)
-        finished = {plan.name: find_finished(tracker, plan) for plan in plans}
-        reused = [plan.name for plan in plans if finished[plan.name] is not None]
-        pending = [plan for plan in plans if finished[plan.name] is None]
-        say(f"study {resolved.name}: {len(plans)} trials, {len(reused)} finished earlier (reused), "
-            f"{len(pending)} to train")
-        errors = _run_trials(ws.cfg, pending, parent) if pending else {}
-        trials, missing = [], []
-        for plan in plans:  # the trials this invocation trained are looked up once they have run
-            run = finished[plan.name] or find_finished(tracker, plan)
-            if run is None:
-                missing.append(plan.name)
-            else:
-                trials.append(trial_from_run(plan, run))
-        if not trials:
-            raise StudyError(f"study {resolved.name}: no trial finished ({_failures(missing, errors)}); re-run "
-                             "the same command to retry")
-        outcome = publish(ws.cfg, resolved, tracker, parent, trials)
-        outcome.reused, outcome.trained = reused, [p.name for p in pending if p.name not in missing]
-    print(to_markdown(outcome.table, metrics=headline_metrics(outcome.table)))
-    say(f"study {resolved.name}: table {outcome.markdown_path}, CSV {outcome.csv_path}"
-        + (f", Figure 5 {outcome.figure_path}" if outcome.figure_path else ""))
-    say(f"  parent run {parent} in {tracker.safe_uri}")
-    if missing:
-        raise StudyError(f"study {resolved.name}: {len(missing)} of {len(plans)} trials did not finish "
-                         f"({_failures(missing, errors)}); the table above holds the others. Re-run the same "
-                         "command: finished trials are reused, the rest are trained again.")
-    return outcome
+    with run_lock(cfg):  # after the checks above: a refused config writes nothing
+        ws = start(cfg)
+        tracker = ws.tracker
+        parent_tags = {TAG_STUDY: resolved.name, TAG_STUDY_RUN: cfg.run.name}
+        previous = tracker.find_run({**parent_tags, TAG_KIND: PIPELINE_KIND}, finished_only=False)
+        with tracker.parent_run(f"{cfg.run.name}-study-{resolved.name}", tags=parent_tags,
+                                run_id=previous.info.run_id if previous else None) as parent:
+            tracker.set_tags(parent, {TAG_CONFIG_HASH: cfg.hash()})
+            plans = trial_plans(resolved, ws, tracker, parent)
+            finished = {plan.name: find_finished(tracker, plan) for plan in plans}
+            reused = [plan.name for plan in plans if finished[plan.name] is not None]
+            pending = [plan for plan in plans if finished[plan.name] is None]
+            say(f"study {resolved.name}: {len(plans)} trials, {len(reused)} finished earlier (reused), "
+                f"{len(pending)} to train")
+            errors = _run_trials(ws.cfg, pending, parent) if pending else {}
+            trials, missing = [], []
+            for plan in plans:  # the trials this invocation trained are looked up once they have run
+                run = finished[plan.name] or find_finished(tracker, plan)
+                if run is None:
+                    missing.append(plan.name)
+                else:
+                    trials.append(trial_from_run(plan, run))
+            if not trials:
+                raise StudyError(f"study {resolved.name}: no trial finished ({_failures(missing, errors)}); re-run "
+                                 "the same command to retry")
+            outcome = publish(ws.cfg, resolved, tracker, parent, trials)
+            outcome.reused, outcome.trained = reused, [p.name for p in pending if p.name not in missing]
+        print(to_markdown(outcome.table, metrics=headline_metrics(outcome.table)))
+        say(f"study {resolved.name}: table {outcome.markdown_path}, CSV {outcome.csv_path}"
+            + (f", Figure 5 {outcome.figure_path}" if outcome.figure_path else ""))
+        say(f"  parent run {parent} in {tracker.safe_uri}")
+        if missing:
+            raise StudyError(f"study {resolved.name}: {len(missing)} of {len(plans)} trials did not finish "
+                             f"({_failures(missing, errors)}); the table above holds the others. Re-run the same "
+                             "command: finished trials are reused, the rest are trained again.")
+        return outcome
 
 
 # What the CLI prints: the overall score and each task's headline metric (by its last path part);

@@ -20,7 +20,7 @@ from components.layout import (
     storage_root,
     unsent_metrics_uri,
 )
-from components.locks import holds_run_lock
+from components.locks import run_lock
 from components.model.artifact import check_compatible
 from components.quiet import quiet_driver
 from components.tracking.buffer import MetricsBuffer
@@ -163,7 +163,6 @@ def _final_metrics(result: StageResult) -> dict[str, Any]:
     return {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
 
 
-@holds_run_lock
 def run_single_stage(cfg: DuetConfig, stage: int, stage1_artifact: str | None = None) -> StepOutcome:
     """What pipelines/pretrain.py and finetune.py run: start-up, then one tracked stage.
 
@@ -186,7 +185,8 @@ def run_single_stage(cfg: DuetConfig, stage: int, stage1_artifact: str | None = 
                 raise ArtifactError(f"{exc}; run pipelines/pretrain.py with this config first, or pass "
                                     "--stage1-artifact URI") from None
             raise
-    ws = start(cfg, stages=(stage,))
-    data = stage_data(ws.cfg, stage, ws.base_dir)
-    with ws.tracker.parent_run(f"{cfg.run.name}-stage{stage}") as parent:
-        return tracked_stage(ws.cfg, ws.tracker, parent, stage, data, stage1)
+    with run_lock(cfg):  # after the checks above: a refused config writes nothing
+        ws = start(cfg, stages=(stage,))
+        data = stage_data(ws.cfg, stage, ws.base_dir)
+        with ws.tracker.parent_run(f"{cfg.run.name}-stage{stage}") as parent:
+            return tracked_stage(ws.cfg, ws.tracker, parent, stage, data, stage1)

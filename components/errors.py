@@ -14,6 +14,7 @@ through those by attribute, so this module imports nothing of Ray.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 
 
@@ -35,6 +36,13 @@ class ArtifactError(DuetError, ValueError):
 
 class ClusterTooSmallError(UsageError):
     """The Ray cluster cannot hold what a stage or an evaluation needs at once, and cannot grow to."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space, or over quota: retrying cannot help
+
+
+class StorageFullError(DuetError, OSError):
+    """The filesystem under a path duet writes ran out of space (or quota); names the path and the free space."""
 
 
 def _nested(exc: BaseException) -> Iterator[BaseException]:
@@ -65,3 +73,16 @@ def find_user_error(exc: BaseException, depth: int = 8) -> DuetError | None:
         if found is not None:
             return found
     return exc if isinstance(exc, DuetError) else None
+
+
+def find_disk_full(exc: BaseException, depth: int = 8) -> OSError | None:
+    """The "no space left" (or quota) OSError in `exc` or what it wraps, or None."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return exc
+    if depth == 0:
+        return None
+    for inner in _nested(exc):
+        found = find_disk_full(inner, depth - 1)
+        if found is not None:
+            return found
+    return None

@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from components.config import StorageSection
-from components.errors import DuetError
+from components.disk_space import storage_full
+from components.errors import DISK_FULL_ERRNOS, DuetError
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ _HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
 # Path problems no retry fixes; pyarrow raises them as plain OSErrors carrying the errno (or, for a
 # directory opened as a file, no errno and "is a directory" in the message).
 _PERMANENT_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENOTDIR, errno.EACCES,
-                     errno.EPERM}
+                     errno.EPERM, *DISK_FULL_ERRNOS}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -261,8 +262,11 @@ def _atomic_local_write(path: str, write: Callable[[object], None]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise storage_full(os.path.basename(path), path,
+                               "the partial file was removed and nothing written before was touched") from None
         raise
 
 

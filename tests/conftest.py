@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,3 +89,21 @@ def tiny_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     path: Path = tmp_path_factory.mktemp("tiny-processor")
     return build_tiny_processor(TinyModelSection(), path)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs of this test's own (`resize_mount` shrinks it); skipped where mounting is not permitted."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def resize_mount(mount: Path, size_bytes: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount)], check=True)

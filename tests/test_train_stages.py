@@ -6,7 +6,9 @@ serve every test; the stage-1 reference run is shared by the comparisons.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -17,6 +19,7 @@ import psutil
 import pytest
 import ray
 import torch
+from conftest import resize_mount
 from safetensors.torch import load_file
 
 from components.config import DuetConfig, load_config
@@ -176,3 +179,30 @@ def test_stage2_refuses_a_mismatched_stage1(work: Path, cluster: dict[int, Stage
     cfg = _config(work, "run.name=ref", "vce.points=2")
     with pytest.raises(ValueError, match="vce.points"):
         run_stage(cfg, 2, cluster[2], stage1_artifact=stage1.artifact_uri)
+
+
+def test_a_full_disk_mid_stage_keeps_the_last_checkpoint_and_a_rerun_resumes(
+    work: Path, cluster: dict[int, StageData], stage1: StageResult, small_disk: Path
+) -> None:
+    from components.errors import StorageFullError
+    from components.train.checkpoint_files import checkpoint_problems
+
+    assert stage1.checkpoint_path is not None
+    one_checkpoint = sum(f.stat().st_size for f in Path(stage1.checkpoint_path).rglob("*") if f.is_file())
+    # Room for the first checkpoint (step 2) and Ray Train's records, not for the second one.
+    resize_mount(small_disk, int(one_checkpoint * 1.5) // 4096 * 4096)
+    cfg = _config(work, "run.name=ref", f"scaling.storage_path={small_disk}", "scaling.max_failures=0")
+    with pytest.raises(StorageFullError) as err:
+        run_stage(cfg, 1, cluster[1], run_name="full-disk", artifact=str(work / "full-disk-art"))
+    message = str(err.value)
+    assert f"no space left on the filesystem of {small_disk}/full-disk while writing stage1's checkpoint (" in message
+    assert re.search(r"\(\d+(\.\d)? (bytes|KiB) free of \d+\.\d (KiB|MiB)\)", message), message
+    assert re.search(r"the newest complete checkpoint \(\S+checkpoint_\S+, step 2\) is intact and still the latest",
+                     message), message
+    kept = Path(re.search(r"checkpoint \((\S+), step 2\)", message).group(1))
+    assert checkpoint_problems(kept) == [] and json.loads((kept / "progress.json").read_text()) == {"step": 2}
+
+    resize_mount(small_disk, 64 * 2**20)  # space freed: the same command resumes from step 2
+    result = run_stage(cfg, 1, cluster[1], run_name="full-disk", artifact=str(work / "full-disk-art"))
+    assert [row["step"] for row in result.history] == list(range(3, STEPS + 1))
+    torch.testing.assert_close([row["loss"] for row in result.history], _losses(stage1)[2:], rtol=2e-4, atol=2e-4)

@@ -22,6 +22,7 @@ import ray.train
 
 from components.checksums import file_records, mismatches
 
+PROGRESS_FILE = "progress.json"  # {"step": N}, written by rank 0
 MANIFEST_PREFIX = "duet-files-rank"
 Damaged = list[tuple[str, list[str]]]  # (checkpoint folder name, what is wrong with it)
 CHECKPOINT_DIR_PREFIX = "checkpoint_"  # how Ray Train names the checkpoint folders of a run
@@ -63,6 +64,17 @@ def checkpoint_problems(folder: Path) -> list[str]:
         missing = sorted(set(range(world_sizes.pop())) - ranks)
         problems += [f"rank {rank}'s part is missing ({manifest_name(rank)})" for rank in missing]
     return problems
+
+
+def newest_intact(run_folder: Path) -> tuple[Path, int] | None:
+    """The newest checkpoint folder of a run on local storage whose manifests all match, with its step."""
+    for folder in sorted(run_folder.glob(f"{CHECKPOINT_DIR_PREFIX}*"), reverse=True):  # names hold the time
+        if folder.is_dir() and has_manifests(folder) and not checkpoint_problems(folder):
+            try:
+                return folder, int(json.loads((folder / PROGRESS_FILE).read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return None
 
 
 @dataclass

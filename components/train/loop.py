@@ -41,11 +41,10 @@ from components.data.dataset import make_collate
 from components.errors import DuetError
 from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
-from components.train.checkpoint_files import intact_checkpoint, write_manifest
+from components.train.checkpoint_files import PROGRESS_FILE, intact_checkpoint, write_manifest
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
 from components.train.settings import VAL_MEASURED, LoopSettings, total_steps
 
-PROGRESS_FILE = "progress.json"
 CHECKPOINT_TAG = "state"
 
 

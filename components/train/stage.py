@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,10 +24,12 @@ from components.cluster import use_gpu_for_training
 from components.config import DuetConfig
 from components.console import say, warn
 from components.data.dataset import build_dataset
+from components.disk_space import storage_full
+from components.errors import find_disk_full
 from components.layout import artifact_uri, storage_root, trainer_run_name
 from components.model.artifact import check_compatible
 from components.quiet import quiet_training_worker
-from components.train.checkpoint_files import Damaged
+from components.train.checkpoint_files import Damaged, newest_intact
 from components.train.settings import LoopSettings, total_steps
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,14 @@ def _train_worker(raw: dict[str, Any]) -> None:
     from components.train.loop import train_loop_per_worker
 
     train_loop_per_worker(raw)
+
+
+def _kept_checkpoint(run_folder: str) -> str:
+    """What a stage stopped by a full disk leaves to resume from: the newest intact checkpoint of the run."""
+    kept = newest_intact(Path(run_folder))
+    if kept is None:
+        return "no checkpoint was complete yet, the re-run starts the stage again"
+    return f"the newest complete checkpoint ({kept[0]}, step {kept[1]}) is intact and still the latest"
 
 
 def run_stage(
@@ -194,6 +205,11 @@ def run_stage(
     pumper.start()
     try:
         result = trainer.fit()
+    except Exception as exc:
+        if find_disk_full(exc) is None or storage.is_remote(root):
+            raise
+        run_folder = storage.resolve(name_in_storage)[1]
+        raise storage_full(f"stage{stage}'s checkpoint", run_folder, _kept_checkpoint(run_folder)) from exc
     finally:
         stop.set()
         pumper.join()

@@ -23,6 +23,7 @@ import torch
 from ray._private.state import state as ray_state
 
 from components.config import DuetConfig
+from components.console import say
 from components.errors import ClusterTooSmallError
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ def stage_need(cfg: DuetConfig, stage: int, has_validation: bool, use_gpu: bool)
     if use_gpu:
         resources["GPU"] = workers * cfg.scaling.gpus_per_worker
         breakdown += f"; {workers} x {cfg.scaling.gpus_per_worker:g} GPU (scaling.gpus_per_worker)"
+    for name, amount in cfg.scaling.resources_per_worker.items():
+        resources[name] = resources.get(name, 0.0) + workers * amount
+        breakdown += f"; {workers} x {amount:g} {name} (scaling.resources_per_worker)"
     return Need(f"stage {stage}", resources, breakdown)
 
 
@@ -149,28 +153,52 @@ def pipeline_needs(cfg: DuetConfig, has_validation: bool) -> list[Need]:
 # ---------------------------------------------------------------- does it fit
 
 
-def cluster_capacity() -> tuple[dict[str, float], bool]:
-    """The cluster's resources, and whether they come from an autoscaler's limits (what it can grow to)."""
+def cluster_capacity() -> tuple[dict[str, float], bool | None]:
+    """The cluster's resources, and whether they come from an autoscaler's limits (what it can grow to).
+
+    The flag is None when an autoscaler runs but does not say how far it can grow (Ray's v1 autoscaler,
+    the default of `ray start --autoscaling-config`, publishes only its status): then no step is refused.
+    """
     now = dict(ray.cluster_resources())
     try:
         most = ray_state.get_max_resources_from_cluster_config()
     except Exception as exc:  # an older or unusual cluster: judge by what it has now
         log.debug("no autoscaler limits (%s)", exc)
         most = None
-    if not most:
-        return now, False
-    return {k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in set(now) | set(most)}, True
+    if most:
+        return {k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in set(now) | set(most)}, True
+    return now, None if _autoscaler_status_published() else False
 
 
-def check_fits(needs: list[Need], capacity: Mapping[str, float] | None = None, autoscaling: bool | None = None) -> None:
-    """Refuse, naming the resources, a step the cluster can never hold at once (it would wait forever)."""
-    if capacity is None or autoscaling is None:
+def _autoscaler_status_published() -> bool:
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    try:
+        return _internal_kv_initialized() and _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
+    except Exception as exc:  # no KV store to ask: no autoscaler duet can see
+        log.debug("no autoscaler status (%s)", exc)
+        return False
+
+
+def check_fits(needs: list[Need], capacity: Mapping[str, float] | None = None,
+               autoscaling: bool | None | str = "ask") -> None:
+    """Refuse, naming the resources, a step the cluster can never hold at once (it would wait forever).
+
+    A step that does not fit yet on a cluster whose autoscaler can grow to it goes ahead and waits for the
+    nodes; with an autoscaler of unknown limits (`autoscaling` None) it goes ahead, saying what it waits for.
+    """
+    if capacity is None or autoscaling == "ask":
         capacity, autoscaling = cluster_capacity()
     for need in needs:
         short = {k: v for k, v in need.resources.items() if v > capacity.get(k, 0.0) + 1e-9}
         if not short:
             continue
         wanted = ", ".join(f"{v:g} {k}" for k, v in need.resources.items())
+        if autoscaling is None:
+            say(f"{need.what} needs {wanted} at once, more than the cluster has now: waiting for its autoscaler "
+                "to add nodes (it does not report how far it can grow)")
+            continue
         has = ", ".join(f"{capacity.get(k, 0.0):g} {k}" for k in need.resources)
         where = "can grow to at most" if autoscaling else "has"
         raise ClusterTooSmallError(

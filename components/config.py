@@ -275,8 +275,26 @@ class ScalingSection(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    resources_per_worker: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each training worker holds besides CPU/GPU, e.g. {trainer: 1}: training "
+        "then runs only on nodes started with that resource (`ray start --resources`, a cluster file's node type).",
+    )
     max_failures: Annotated[int, Field(ge=-1)] = 2
+    max_preemption_failures: Annotated[int, Field(ge=-1)] = Field(
+        -1, description="Node preemptions (a node drained for preemption, e.g. a spot reclaim) a stage resumes from, "
+        "counted apart from max_failures; -1: no limit."
+    )
     storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://); default work_dir.")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            if name.strip() == "" or name.upper() in ("CPU", "GPU", "MEMORY"):
+                raise ValueError(f"{name!r} is not a custom resource name: set CPUs and GPUs with "
+                                 "scaling.cpus_per_worker and scaling.gpus_per_worker")
+        return value
 
 
 class TrackingSection(Section):

@@ -154,7 +154,7 @@ def run_stage(
         train_dataset="train", val_dataset="val" if data.val_uri else None, metrics_sink=sink,
         processor_dir=data.processor_dir, run_id=run_id,
     )
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
@@ -164,7 +164,8 @@ def run_stage(
         run_config=RunConfig(
             name=name, storage_path=root, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures,
+                                         max_preemption_failures=cfg.scaling.max_preemption_failures),
             callbacks=callbacks or None,
             # Ray Train's own INFO lines (every report, every checkpoint, worker-group start) stay in its log files.
             logging_config=LoggingConfig(log_level="WARNING"),

@@ -23,6 +23,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,6 +90,21 @@ def _s3_filesystem(cfg: StorageSection, allow_bucket_creation: bool = False) -> 
                                  cfg.request_timeout_s, allow_bucket_creation)
 
 
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, pickled as the arguments duet built it from.
+
+    pyarrow's own pickling drops the retry strategy, so in every other process (Ray Data's read tasks,
+    Ray Train's controller and workers uploading checkpoints) the client fell back to pyarrow's default
+    of 3 attempts per request whatever `storage.retries` said; rebuilt by `_cached_s3_filesystem` it
+    keeps them (and is cached there too).
+    """
+
+    _duet_args: tuple[str | None, str | None, int, float, float, bool]
+
+    def __reduce__(self) -> tuple[Callable[..., pafs.S3FileSystem], tuple]:
+        return _cached_s3_filesystem, self._duet_args
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_s3_filesystem(
     url: str | None, region: str | None, retries: int, connect_timeout_s: float, request_timeout_s: float,
@@ -112,9 +128,12 @@ def _cached_s3_filesystem(
         options["endpoint_override"] = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
         # Path-style addressing for MinIO/moto and other non-AWS endpoints.
         options["force_virtual_addressing"] = False
+        url = f"{parts.scheme}://{options['endpoint_override']}"  # what it is pickled with: no user-info
     if options["region"] is None:
         options.pop("region")
-    return pafs.S3FileSystem(**options)
+    fs = _S3FileSystem(**options)
+    fs._duet_args = (url, region, retries, connect_timeout_s, request_timeout_s, allow_bucket_creation)
+    return fs
 
 
 def resolve(uri: str, cfg: StorageSection | None = None) -> tuple[pafs.FileSystem, str]:
@@ -146,6 +165,40 @@ def join(uri: str, *parts: str) -> str:
 
 
 # ---------------------------------------------------------------- retry
+
+
+class _RetryCounter:
+    """How many times `retry()` retried in this process (thread-safe; read with `retry_count()`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+_retries = _RetryCounter()
+
+
+def retry_count() -> int:
+    """Whole-operation retries `retry()` made in this process since it started (never reset).
+
+    Counted: every retry of duet's own storage layer (this module: dataset shards and manifests,
+    stage artifacts, local copies, ...) in this process; the driver logs its count as the metric
+    ``storage/retries`` on its pipeline run and stage runs (components/tracking/tracker.py,
+    components/workflow/tracked_stage.py). Not counted, as Python never sees them: the request-level
+    retries inside pyarrow's AWS SDK (``AwsStandardS3RetryStrategy``, `storage.retries` attempts per
+    request), which absorb most 503 SlowDown answers and dropped connections, Ray Data's own retries of
+    shard reads (``DataContext.retried_io_errors``) and Ray Train's checkpoint uploads; nor the retries
+    of duet's layer in other processes (Ray workers, e.g. rank 0 writing the stage artifact).
+    """
+    return _retries.count
 
 
 _HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
@@ -183,7 +236,9 @@ def retry(
     """Call `fn`, retrying transient OSErrors with exponential back-off (base, 2*base, ...).
 
     Request-level retries already happen inside pyarrow's S3 client; this covers
-    whole operations (a stream that drops mid-read, an endpoint that restarts).
+    whole operations (a stream that drops mid-read, an endpoint that restarts, a
+    request still throttled after the client's own attempts). Each retry is counted
+    (`retry_count()`).
     The final error names the operation and the endpoint so a user knows which
     service to look at.
     """
@@ -201,6 +256,7 @@ def retry(
                     "(check that the endpoint is reachable and the credentials in the environment are valid)"
                 ) from exc
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1))
+            _retries.add()
             log.warning("%s failed (attempt %d/%d) against %s: %s; retrying in %.1fs",
                         what, attempt, attempts, endpoint, exc, delay)
             time.sleep(delay)

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
+from components import storage
 from components.config import DuetConfig, TrackingSection
 from components.errors import DuetError
 from components.layout import tracking_artifacts_uri, tracking_store_uri
@@ -74,6 +75,10 @@ _MAX_DATASET_DIGEST = 36  # MLflow's column width for dataset digests
 
 
 _REMOTE_SCHEMES = ("http", "https", "databricks")
+
+# Retries of duet's own storage layer (components/storage.py, `retry_count`): on a pipeline run, this
+# process's since it started; on a stage run, the driver's during the stage (components/workflow/tracked_stage.py).
+STORAGE_RETRIES = "storage/retries"
 
 
 class TrackingError(DuetError, RuntimeError):
@@ -262,7 +267,8 @@ class Tracker:
         return run_id
 
     @contextmanager
-    def _run(self, name: str, tags: dict[str, str], run_id: str | None) -> Iterator[str]:
+    def _run(self, name: str, tags: dict[str, str], run_id: str | None,
+             on_finish: Callable[[str], None] | None = None) -> Iterator[str]:
         opened = self._open_run(name, tags, run_id)
         try:
             yield opened
@@ -272,6 +278,8 @@ class Tracker:
         except BaseException:
             self._end_quietly(opened, RunStatus.FAILED)
             raise
+        if on_finish is not None:
+            on_finish(opened)
         self.client.set_terminated(opened, RunStatus.to_string(RunStatus.FINISHED))
 
     def _end_quietly(self, run_id: str, status: int) -> None:
@@ -287,9 +295,13 @@ class Tracker:
     ) -> AbstractContextManager[str]:
         """Context manager yielding the pipeline's run id; pass run_id to resume an earlier invocation.
 
-        The run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises.
+        The run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises. A finished run
+        carries `storage/retries`: the whole-operation retries duet's storage layer made in this
+        process (the driver) since it started, the data preparation before the run opened included
+        (`components.storage.retry_count`: retries inside pyarrow's S3 client and in Ray workers are not in it).
         """
-        return self._run(name, {**(tags or {}), TAG_KIND: PIPELINE_KIND}, run_id)
+        return self._run(name, {**(tags or {}), TAG_KIND: PIPELINE_KIND}, run_id,
+                         on_finish=lambda run: self.log_metrics(run, {STORAGE_RETRIES: storage.retry_count()}))
 
     def child_run(
         self, kind: str, name: str, parent_run_id: str, tags: Mapping[str, str] | None = None,

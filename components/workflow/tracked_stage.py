@@ -32,7 +32,7 @@ from components.tracking.tags import (
     TAG_STEP,
     TAG_STEP_HASH,
 )
-from components.tracking.tracker import Tracker, TrackingUnreachable
+from components.tracking.tracker import STORAGE_RETRIES, Tracker, TrackingUnreachable
 from components.train.deepspeed import plan_batch
 from components.train.settings import VAL_MEASURED, total_steps
 from components.train.stage import STAGE_SPLITS, StageData, StageResult, run_stage
@@ -82,6 +82,7 @@ def tracked_stage(
             if uri and storage.exists(storage.join(uri, "artifact.json"), cfg.storage):
                 say(f"{name}: reused run {done.info.run_id} ({uri})")
                 return StepOutcome(done.info.run_id, uri, True, dict(done.data.metrics), data.digest)
+    retries_before = storage.retry_count()
     with tracker.child_run("stage", name, parent_run_id, tags={TAG_STEP_HASH: digest}) as run_id:
         tracker.log_config(run_id, cfg)
         tracker.log_dataset(run_id, f"{cfg.data.name}/{STAGE_SPLITS[stage]}", data.train_uri, data.digest)
@@ -130,6 +131,9 @@ def tracked_stage(
         history = [_loggable(row) for row in result.history]
         resumed = [row for row in carried if not history or row["step"] < history[0]["step"]]
         tracker.log_curves(run_id, resumed + history)
+        # The driver's storage retries during the stage; the workers' (rank 0 writes the artifact) and those
+        # inside pyarrow's S3 client (shard reads, checkpoint uploads) are not counted (storage.retry_count).
+        tracker.log_metrics(run_id, {STORAGE_RETRIES: storage.retry_count() - retries_before})
         tracker.set_tags(run_id, {TAG_ARTIFACT: result.artifact_uri, TAG_CONFIG_HASH: cfg.hash()})
         storage.delete_file(unsent_metrics_uri(cfg, stage, digest), cfg.storage)
         say(f"{name}: done, artifact {result.artifact_uri}")

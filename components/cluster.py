@@ -21,6 +21,7 @@ import torch
 
 # Private, but the call Ray Train itself makes before it waits for workers (worker_group.py).
 from ray._private.state import state as ray_state
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from components.config import DuetConfig
 from components.console import say
@@ -47,6 +48,7 @@ def init_ray(cfg: DuetConfig) -> str:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(log_to_driver=True, logging_level=logging.WARNING)
+        keep_ray_data_bookkeeping_on_this_node()
         return f"Ray: joined the cluster at {address} ({_describe(ray.cluster_resources())})"
     loopback_only()
     # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner polls
@@ -55,6 +57,38 @@ def init_ray(cfg: DuetConfig) -> str:
              dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
     return (f"Ray: started a local instance ({_describe(ray.cluster_resources())}); set RAY_ADDRESS or use "
             "`ray job submit` to run on a cluster")
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Where an actor the driver depends on goes: the driver's own node, never a worker node.
+
+    A zero-CPU actor fits anywhere, so Ray may put it on a worker node, which can be lost mid-stage
+    or removed by an autoscaler; the driver would lose it with that node (and keep the node busy).
+    """
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def keep_ray_data_bookkeeping_on_this_node() -> None:
+    """Create Ray Data's detached bookkeeping actors here, on the driver's node, before any dataset runs.
+
+    Ray Data creates them (its stats actor and actor-location tracker: detached, zero-CPU, one per
+    cluster) on the node of the first process that executes a dataset, which for a stage is a training
+    worker on a worker node. A node holding a detached actor is never idle, so an autoscaler would keep
+    that (GPU) node up after the run for as long as the cluster lives. Created from the driver, they
+    stay on the head, and later runs reuse them by name. Private Ray Data calls (Ray 2.60): if they
+    move, the pipeline still runs, and this says so once.
+    """
+    try:
+        from ray.data._internal.execution.node_trackers.actor_location import (
+            get_or_create_actor_location_tracker,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+        get_or_create_actor_location_tracker()
+    except (ImportError, AttributeError) as exc:
+        log.warning("could not place Ray Data's bookkeeping actors on the driver's node (%s); an autoscaler "
+                    "may keep the node that ran the first dataset up after the run", exc)
 
 
 def loopback_only() -> None:
@@ -190,14 +224,14 @@ def check_fits(needs: list[Need], capacity: Mapping[str, float] | None = None,
     """
     if capacity is None or autoscaling == "ask":
         capacity, autoscaling = cluster_capacity()
+    waits = []
     for need in needs:
         short = {k: v for k, v in need.resources.items() if v > capacity.get(k, 0.0) + 1e-9}
         if not short:
             continue
         wanted = ", ".join(f"{v:g} {k}" for k, v in need.resources.items())
         if autoscaling is None:
-            say(f"{need.what} needs {wanted} at once, more than the cluster has now: waiting for its autoscaler "
-                "to add nodes (it does not report how far it can grow)")
+            waits.append(f"{need.what} needs {wanted}")
             continue
         has = ", ".join(f"{capacity.get(k, 0.0):g} {k}" for k in need.resources)
         where = "can grow to at most" if autoscaling else "has"
@@ -206,6 +240,9 @@ def check_fits(needs: list[Need], capacity: Mapping[str, float] | None = None,
             f"wait forever. Give Ray more (`ray start --head --num-cpus N`, more or larger nodes), or lower "
             f"scaling.num_workers, scaling.cpus_per_worker, data.preprocess_num_cpus or eval.cpus_per_replica."
         )
+    if waits:
+        say(f"{'; '.join(waits)} at once, more than the cluster has now ({_describe(capacity)}): each waits for "
+            "the autoscaler to add nodes (it does not report how far it can grow)")
 
 
 def _describe(resources: Mapping[str, float]) -> str:

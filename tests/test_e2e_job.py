@@ -57,6 +57,8 @@ def _free_port() -> int:
 def user_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell has: the venv first on PATH, nothing that marks a test run."""
     env = {k: v for k, v in os.environ.items() if k not in _NOT_A_USER}
+    # DeepSpeed's compiled ops stay where this user's earlier runs built them, whatever HOME the test gives.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1", **extra)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env

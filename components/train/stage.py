@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from components import storage
-from components.cluster import use_gpu_for_training
+from components.cluster import on_this_node, use_gpu_for_training
 from components.config import DuetConfig
 from components.console import say, warn
 from components.data.dataset import build_dataset
@@ -147,7 +147,7 @@ def run_stage(
     out_uri = artifact or artifact_uri(cfg, stage)
     fs, root = storage.resolve(storage_root(cfg), cfg.storage)
     name_in_storage = storage.join(storage_root(cfg), name)
-    sink = MetricsSink.remote()
+    sink = MetricsSink.options(scheduling_strategy=on_this_node()).remote()  # lives with the driver
     settings = LoopSettings(
         config=cfg.model_dump(mode="json"), stage=stage, num_train_samples=data.num_train_samples,
         artifact_uri=out_uri, data_digest=data.digest, stage1_artifact=stage1_artifact, use_gpu=use_gpu,

@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from components import storage
-from components.cluster import Need, check_fits, stage_need, use_gpu_for_training
+from components.cluster import Need, check_fits, on_this_node, stage_need, use_gpu_for_training
 from components.config import DuetConfig, config_from_dict, dump_config
 from components.console import say
 from components.errors import DuetError
@@ -177,7 +177,7 @@ def sweep(
     )
     ledger = TrialLedger(cfg, data, artifact_root, steps, experiment, stage1_artifact, tracker, parent_run_id,
                          stage1_run_id)
-    reaper = PlacementGroupReaper.remote()
+    reaper = PlacementGroupReaper.options(scheduling_strategy=on_this_node()).remote()
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, base=cfg.model_dump(mode="json"), data=data, stage1_artifact=stage1_artifact,

@@ -27,6 +27,7 @@ def test_an_autoscaler_that_can_grow_to_it_is_waited_for_and_one_that_cannot_is_
 
 
 def test_an_autoscaler_of_unknown_limits_is_waited_for_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
-    check_fits([STAGE], {"CPU": 0.0}, None)
-    assert "stage 1 needs 3.5 CPU at once, more than the cluster has now: waiting for its autoscaler" \
-        in capsys.readouterr().out
+    check_fits([STAGE, Need("evaluation", {"CPU": 1.5}, "")], {"CPU": 0.0}, None)
+    assert capsys.readouterr().out == (
+        "[duet] stage 1 needs 3.5 CPU; evaluation needs 1.5 CPU at once, more than the cluster has now (no CPUs): "
+        "each waits for the autoscaler to add nodes (it does not report how far it can grow)\n")

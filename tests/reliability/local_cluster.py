@@ -42,7 +42,8 @@ class WorkerNode:
 
 
 class LocalCluster:
-    """A head with `head_cpus` CPUs (no custom resources) and worker nodes added and killed one by one."""
+    """A head with `head_cpus` CPUs (no custom resources) and worker nodes added and killed one by one,
+    or, given `autoscaling_config` (a cluster file's dict), nodes that Ray's autoscaler launches and removes."""
 
     def __init__(self, head_cpus: float = 2, autoscaling_config: dict | None = None) -> None:
         self.tmp = tempfile.mkdtemp(prefix="duet-nodes-", dir="/tmp")

@@ -7,7 +7,6 @@ need access to the tracking server).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +30,6 @@ from components.model.artifact import check_compatible
 from components.quiet import quiet_training_worker
 from components.train.checkpoint_files import Damaged, newest_intact
 from components.train.settings import LoopSettings, total_steps
-
-log = logging.getLogger(__name__)
 
 # The dataset split each stage trains on: captions align VCE + projector, instructions fine-tune.
 STAGE_SPLITS = {1: "caption", 2: "train"}
@@ -191,8 +188,10 @@ def run_stage(
         for row in rows:
             if history and row["step"] <= history[-1]["step"]:
                 # A replaced worker group resumed from the last checkpoint: later steps were rolled back.
-                log.warning("resumed at step %d: dropping %d rolled-back steps", row["step"] - 1,
-                            sum(h["step"] >= row["step"] for h in history))
+                redone = [h["step"] for h in history if h["step"] >= row["step"]]
+                say(f"stage{stage}: step{'s' if len(redone) > 1 else ''} "
+                    f"{redone[0]}{f'-{redone[-1]}' if len(redone) > 1 else ''} ran after that checkpoint and "
+                    f"{'are' if len(redone) > 1 else 'is'} trained again")
                 history[:] = [h for h in history if h["step"] < row["step"]]
             history.append(row)
         if rows and on_metrics is not None:

@@ -11,6 +11,7 @@ what it can grow to, not by what it has now.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -205,14 +206,24 @@ def cluster_capacity() -> tuple[dict[str, float], bool | None]:
 
 
 def _autoscaler_status_published() -> bool:
+    """Whether an autoscaler with node types of its own runs (Ray's v1 one publishes only its status).
+
+    The head's monitor publishes a status on every cluster; without an autoscaling config it runs Ray's
+    read-only provider, which names each node's type `node_<id>`, so a node type of any other name means
+    an autoscaling config (its head type, its worker types).
+    """
     from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
     try:
-        return _internal_kv_initialized() and _internal_kv_get(DEBUG_AUTOSCALING_STATUS) is not None
-    except Exception as exc:  # no KV store to ask: no autoscaler duet can see
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
+        report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+    except Exception as exc:  # no status to read: no autoscaler duet can see
         log.debug("no autoscaler status (%s)", exc)
         return False
+    types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
+    types |= {pending[1] for pending in report.get("pending_nodes") or [] if len(pending) > 1}
+    return any(not name.startswith("node_") for name in types)
 
 
 def check_fits(needs: list[Need], capacity: Mapping[str, float] | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import pytest
+from probe_output import PROBE_MARK, probe_json
 from test_evaluate import EvalSetup, eval_setup  # noqa: F401  (session fixture shared with the evaluation tests)
 
 from components.config import DuetConfig
@@ -78,8 +78,8 @@ _FRESH_PROCESS = textwrap.dedent("""
     image = open(sys.argv[3], "rb").read()
     frame = pd.DataFrame({"image": [image, base64.b64encode(image).decode()], "prompt": [sys.argv[4]] * 2})
     answers = list(model.predict(frame))
-    print(json.dumps({"answers": answers, "components": sys.modules["components"].__file__}))
-""")
+    print(__MARK__ + json.dumps({"answers": answers, "components": sys.modules["components"].__file__}))
+""").replace("__MARK__", repr(PROBE_MARK))
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_logged_model_loads_in_a_fresh_process_and_answers_as_evaluated(
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = probe_json(done.stdout)
     assert not out["components"].startswith(str(REPO))  # the package's own copy of the code was used
     expected = _in_process_answer(eval_setup)
     assert expected and out["answers"] == [expected, expected]

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from probe_output import PROBE_MARK, probe_json
+
 RAY = str(Path(sys.executable).parent / "ray")
 WORKER_NODE = str(Path(__file__).with_name("ray_worker_node.py"))
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # the id the fake multi-node provider knows the head by
@@ -89,10 +91,10 @@ class LocalCluster:
     def alive_ids(self) -> set[str]:
         """The ids of the nodes Ray counts as alive, asked from a fresh driver."""
         probe = ("import json, ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
-                 "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+                 f"print({PROBE_MARK!r} + json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
         done = subprocess.run([sys.executable, "-c", probe], env={**self.env, "RAY_ADDRESS": self.address},
                               capture_output=True, text=True, timeout=120, check=False)
-        return set(json.loads(done.stdout.strip().splitlines()[-1])) if done.returncode == 0 else set()
+        return set(probe_json(done.stdout)) if done.returncode == 0 else set()
 
     def _wait(self, what: str, until, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s

@@ -7,7 +7,6 @@ process and the processes it started.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from probe_output import PROBE_MARK, probe_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,9 +32,9 @@ _PROBE = textwrap.dedent("""
     pids = {p.pid for p in [me, *me.children(recursive=True)]}
     listening = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
                         if c.status == psutil.CONN_LISTEN and c.pid in pids})
-    print(json.dumps({"node": ray.util.get_node_ip_address(), "listening": listening}))
+    print(__MARK__ + json.dumps({"node": ray.util.get_node_ip_address(), "listening": listening}))
     ray.shutdown()
-""")
+""").replace("__MARK__", repr(PROBE_MARK))
 
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
 
@@ -50,7 +50,7 @@ def test_a_local_run_opens_no_port_beyond_loopback() -> None:
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = probe_json(proc.stdout)
     assert report["node"] == "127.0.0.1"
     assert report["listening"], "the probe found no listening socket at all: it looked at the wrong processes"
     exposed = [(ip, port) for ip, port in report["listening"] if ip not in LOOPBACK]

@@ -23,6 +23,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -34,8 +35,11 @@ from components.config import DuetConfig, load_config
 from components.data.dataset import build_dataset, make_collate
 from components.model.artifact import save_stage_artifact
 from components.model.stages import build_model, parameter_groups
+from components.quiet import quiet_driver
+from components.train.flops import StepFlops, model_tflops_per_s
 from components.train.loop import per_sample_loss
 from components.train.stage import StageData, run_stage
+from components.train.step_time import PHASE_LABELS, PHASES, StepClock, mean_breakdown
 from components.workflow.startup import ensure_base_model, ensure_dataset, stage_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +56,26 @@ def bench_config(work: Path, args: argparse.Namespace) -> DuetConfig:
     ])
 
 
-def pipeline_tokens_per_s(cfg: DuetConfig, data: StageData, stage1: str, skip: int) -> float:
+@dataclass
+class PathResult:
+    tokens_per_s: float
+    tflops_per_s_per_core: float  # model FLOPs (components.train.flops)
+    breakdown: dict[str, float]  # mean seconds per step of each phase (components.train.step_time)
+
+
+def pipeline_rates(cfg: DuetConfig, data: StageData, stage1: str, skip: int) -> PathResult:
+    """The whole training path, from its step metrics."""
     result = run_stage(cfg, 2, data, stage1_artifact=stage1, artifact=str(Path(cfg.run.work_dir) / "s2"))
     rows = [r for r in result.history if r["step"] > skip]
+    seconds = sum(r["step_time_s"] for r in rows)
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows)
-    return tokens / sum(r["step_time_s"] for r in rows)
+    tflops = sum(r["model_tflops_per_s"] * r["step_time_s"] for r in rows)
+    return PathResult(tokens / seconds, tflops / seconds, mean_breakdown(rows))
 
 
-def bare_tokens_per_s(cfg: DuetConfig, data: StageData, stage1: str, steps: int, skip: int) -> float:
-    """Plain PyTorch AdamW on pre-collated micro-batches: the model's own speed on this machine."""
+def bare_rates(cfg: DuetConfig, data: StageData, stage1: str, steps: int, skip: int) -> PathResult:
+    """Plain PyTorch AdamW on pre-collated micro-batches: the model's own speed on this machine, and where
+    its step time goes (no data wait, communication or reporting: there is none)."""
     stage = cfg.stage2
     accumulation = stage.global_batch // stage.micro_batch
     needed = steps * stage.global_batch
@@ -75,22 +90,44 @@ def bare_tokens_per_s(cfg: DuetConfig, data: StageData, stage1: str, steps: int,
     model = build_model(cfg, 2, stage1)
     model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, stage))
-    tokens, elapsed = 0, 0.0
+    counts = StepFlops.from_model(model)
+    tokens, elapsed, flops = 0, 0.0, 0.0
+    clock, rows = StepClock(), []
     for step in range(steps):
         started = time.perf_counter()
-        step_tokens = 0
+        step_tokens, step_flops = 0, 0.0
         for batch in batches[step * accumulation:(step + 1) * accumulation]:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=batch["pixel_values"])
-            (per_sample_loss(out.logits, batch["labels"])[0] / accumulation).backward()
+            with clock.phase("forward"):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"])
+                loss = per_sample_loss(out.logits, batch["labels"])[0] / accumulation
+            with clock.phase("backward"):
+                loss.backward()
             step_tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            step_flops += counts.batch(batch["attention_mask"], batch["pixel_values"].shape[0])
+        with clock.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.deepspeed.gradient_clipping)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        taken = clock.take()
         if step >= skip:
             tokens += step_tokens
+            flops += step_flops
             elapsed += time.perf_counter() - started
-    return tokens / elapsed
+            rows.append(taken)
+    return PathResult(tokens / elapsed, model_tflops_per_s(flops, elapsed, 1), mean_breakdown(rows))
+
+
+def matmul_peak_tflops(size: int = 1024, repeats: int = 20) -> float:
+    """What one torch thread of this CPU reaches on a large fp32 matrix multiply: the CPU's practical peak,
+    the denominator of MFU where no data-sheet peak applies."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
 def main() -> None:
@@ -110,15 +147,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="duet-bench-") as tmp:
         work = Path(tmp)
         cfg = bench_config(work, args).with_absolute_paths()
+        quiet_driver()  # what a pipeline driver prints: no progress bars between the tables
         init_ray(cfg)
         base, _ = ensure_base_model(cfg, ensure_dataset(cfg))
         data = stage_data(cfg, 2, base)
         stage1 = str(work / "stage1")
         torch.manual_seed(0)
         save_stage_artifact(build_model(cfg, 1), cfg, 1, stage1, data_digest=None)
-        bare = bare_tokens_per_s(cfg, data, stage1, args.steps, args.skip)
-        piped = pipeline_tokens_per_s(cfg, data, stage1, args.skip)
+        peak = matmul_peak_tflops()
+        bare_path = bare_rates(cfg, data, stage1, args.steps, args.skip)
+        ray_path = pipeline_rates(cfg, data, stage1, args.skip)
         ray.shutdown()
+    bare, piped = bare_path.tokens_per_s, ray_path.tokens_per_s
+    bare_phases, piped_phases = bare_path.breakdown, ray_path.breakdown
     per_worker = piped / args.workers
     overhead = 1 - per_worker / bare
     print(format_table(
@@ -128,9 +169,22 @@ def main() -> None:
           round(per_worker / bare, 3)]],
     ))
     print(f"pipeline overhead per core: {overhead:.1%} (target <= 15%)")
+    print(f"model TFLOP/s per core: bare {bare_path.tflops_per_s_per_core:.4f}, Ray path "
+          f"{ray_path.tflops_per_s_per_core:.4f}; MFU against one thread's fp32 matmul peak ({peak:.4f} TFLOP/s): "
+          f"{bare_path.tflops_per_s_per_core / peak:.1%} and {ray_path.tflops_per_s_per_core / peak:.1%}")
+    print("\nseconds per step (mean over the steps measured):")
+    print(format_table(
+        ["phase", "bare loop", "Ray path"],
+        [*[[PHASE_LABELS.get(p, p), round(bare_phases[p], 4), round(piped_phases[p], 4)] for p in PHASES],
+         ["total", round(sum(bare_phases.values()), 4), round(sum(piped_phases.values()), 4)]],
+    ))
     write_json(args.json, {
         "bare_tokens_per_s": bare, "pipeline_tokens_per_s": piped, "pipeline_tokens_per_s_per_worker": per_worker,
-        "overhead": overhead,
+        "overhead": overhead, "breakdown_s": {"bare": bare_phases, "pipeline": piped_phases},
+        "model_tflops_per_s_per_core": {"bare": bare_path.tflops_per_s_per_core,
+                                        "pipeline": ray_path.tflops_per_s_per_core},
+        "matmul_peak_tflops_per_core": peak,
+        "mfu": {"bare": bare_path.tflops_per_s_per_core / peak, "pipeline": ray_path.tflops_per_s_per_core / peak},
         "settings": {k: v for k, v in vars(args).items() if k != "json"}, "machine": machine(),
     })
 

@@ -286,6 +286,9 @@ class ScalingSection(Section):
         "counted apart from max_failures; -1: no limit."
     )
     storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://); default work_dir.")
+    peak_tflops: PositiveFloat | None = Field(
+        None, description="Peak TFLOP/s of one training device, for MFU; default: the bf16 peak of a known GPU "
+        "(components/train/flops.py), none on CPU (then MFU is not logged).")
 
     @field_validator("resources_per_worker")
     @classmethod

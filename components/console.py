@@ -76,6 +76,8 @@ class StepProgress:
         lr = row.get("lr_adapter") or row.get("lr_projector_vce", 0.0)
         text = (f"{self.name} step {step}/{total} loss {row.get('loss', float('nan')):.4f} lr {lr:.2e} "
                 f"tokens/s {row.get('tokens_per_s', 0.0):.0f} eta {_duration(row.get('eta_s', 0.0))}")
+        if "mfu" in row:  # where the device's peak is known (components/train/flops.py)
+            text += f" mfu {100 * row['mfu']:.1f}%"
         if "val_loss" in row:
             text += f" val_loss {row['val_loss']:.4f}"
         return text

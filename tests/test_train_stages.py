@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from components.config import DuetConfig, load_config
 from components.model.artifact import load_stage_model
 from components.model.sizes import build_meta_model, component_sizes
-from components.train.stage import StageData, StageResult, run_stage
+from components.train.stage import RAY_TRAIN_SNAPSHOT, StageData, StageResult, run_stage
+from components.train.step_time import PHASES, metric_name
 from components.workflow.startup import ensure_base_model, ensure_dataset, stage_data
 
 pytestmark = pytest.mark.slow
@@ -97,11 +98,24 @@ def test_stage1_trains_with_falling_loss_and_saves_trainable_weights_only(
     assert sum(t.numel() for t in module.values()) == _trainable_count(cfg, 1)
 
 
+def test_every_step_says_where_its_time_went(stage1: StageResult) -> None:
+    for row in stage1.history:
+        phases = {p: row[metric_name(p)] for p in PHASES}
+        assert all(seconds >= 0 for seconds in phases.values()), row
+        # The phases are disjoint stretches of the step's wall time; what is left is loop bookkeeping.
+        assert 0.85 * row["step_time_s"] <= sum(phases.values()) <= row["step_time_s"] + 1e-3, row
+        assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0, row
+        assert phases["comm"] > 0, "two workers reduce their gradients every step"
+        assert row["model_tflops_per_s"] > 0 and "mfu" not in row, "no MFU on CPU without scaling.peak_tflops"
+    assert all(row["time/report_s"] > 0 for row in stage1.history[1:]), "the step before was reported"
+
+
 def test_one_and_two_workers_give_the_same_steps(work: Path, cluster: dict[int, StageData],
                                                  stage1: StageResult) -> None:
-    cfg = _config(work, "run.name=one-worker", "scaling.num_workers=1")
+    cfg = _config(work, "run.name=one-worker", "scaling.num_workers=1", "scaling.peak_tflops=0.5")
     single = run_stage(cfg, 1, cluster[1], artifact=str(work / "one-worker-artifact"))
     torch.testing.assert_close(_losses(single), _losses(stage1), rtol=2e-4, atol=2e-4)
+    assert all(row["mfu"] == pytest.approx(row["model_tflops_per_s"] / 0.5) for row in single.history)
 
 
 def test_killed_worker_resumes_without_lost_or_repeated_steps(work: Path, cluster: dict[int, StageData],
@@ -203,6 +217,11 @@ def test_a_full_disk_mid_stage_keeps_the_last_checkpoint_and_a_rerun_resumes(
     assert checkpoint_problems(kept) == [] and json.loads((kept / "progress.json").read_text()) == {"step": 2}
 
     resize_mount(small_disk, 64 * 2**20)  # space freed: the same command resumes from step 2
+    # Ray Train rewrites its checkpoint record in place: when the disk fills as it does, the record is left
+    # empty (whether it does here depends on timing, so it is emptied here) and Ray Train would refuse the run.
+    record = small_disk / "full-disk" / RAY_TRAIN_SNAPSHOT
+    record.write_text("")
     result = run_stage(cfg, 1, cluster[1], run_name="full-disk", artifact=str(work / "full-disk-art"))
+    assert (small_disk / "full-disk" / f"{RAY_TRAIN_SNAPSHOT}.damaged").is_file() and record.is_file()
     assert [row["step"] for row in result.history] == list(range(3, STEPS + 1))
     torch.testing.assert_close([row["loss"] for row in result.history], _losses(stage1)[2:], rtol=2e-4, atol=2e-4)

@@ -86,33 +86,38 @@ class Resume:
     damaged: Damaged = field(default_factory=list)
 
 
-def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The run's other checkpoint folders written before `checkpoint`, newest first (their names hold the time)."""
-    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent, name = posixpath.split(path)
-    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-    older = sorted((info.base_name for info in infos if info.type == pafs.FileType.Directory
-                    and info.base_name.startswith(CHECKPOINT_DIR_PREFIX) and info.base_name < name), reverse=True)
-    return [ray.train.Checkpoint(posixpath.join(parent, other), filesystem=fs) for other in older]
+def run_checkpoints(fs: pafs.FileSystem, run_path: str, before: str | None = None) -> list[ray.train.Checkpoint]:
+    """The run's checkpoint folders (all, or those written before the one named `before`), newest first:
+    their names hold the time."""
+    infos = fs.get_file_info(pafs.FileSelector(run_path.rstrip("/"), allow_not_found=True))
+    names = sorted((info.base_name for info in infos if info.type == pafs.FileType.Directory
+                    and info.base_name.startswith(CHECKPOINT_DIR_PREFIX)
+                    and (before is None or info.base_name < before)), reverse=True)
+    return [ray.train.Checkpoint(posixpath.join(run_path.rstrip("/"), name), filesystem=fs) for name in names]
 
 
 @contextmanager
-def intact_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Iterator[Resume]:
+def intact_checkpoint(
+    checkpoint: ray.train.Checkpoint | None, unregistered: list[ray.train.Checkpoint] | None = None
+) -> Iterator[Resume]:
     """The newest intact checkpoint, starting with the one Ray Train hands over, as a local folder.
 
-    An older folder counts only when it has manifests: one without them may be an upload that stopped
-    part-way (a full disk), which Ray Train never registered.
+    Without one, the `unregistered` folders of the run are tried, newest first (Ray Train's record of
+    them was set aside as damaged: components.train.stage). An older or unregistered folder counts only
+    when it has manifests: one without them may be an upload that stopped part-way (a full disk).
     """
     resume = Resume()
     if checkpoint is None:
-        yield resume
-        return
-    for index, candidate in enumerate([checkpoint, *_older_checkpoints(checkpoint)]):
+        candidates = list(unregistered or [])
+    else:
+        parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+        candidates = [checkpoint, *run_checkpoints(checkpoint.filesystem, parent, before=name)]
+    for index, candidate in enumerate(candidates):
         name = posixpath.basename(candidate.path.rstrip("/"))
         with candidate.as_directory() as local:
             folder = Path(local)
             if not has_manifests(folder):
-                if index == 0:  # written before manifests existed: trusted as Ray Train's latest
+                if index == 0 and checkpoint is not None:  # before manifests existed: Ray Train's latest
                     resume.folder, resume.name = folder, name
                     yield resume
                     return

@@ -22,12 +22,13 @@ import pickle
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import deepspeed
+import deepspeed.comm.comm
 import ray.train
 import torch
 import torch.distributed as dist
@@ -41,9 +42,16 @@ from components.data.dataset import make_collate
 from components.errors import DuetError
 from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
-from components.train.checkpoint_files import PROGRESS_FILE, intact_checkpoint, write_manifest
+from components.train.checkpoint_files import (
+    PROGRESS_FILE,
+    intact_checkpoint,
+    run_checkpoints,
+    write_manifest,
+)
 from components.train.deepspeed import BatchPlan, build_deepspeed_config, plan_batch, resolve_precision
+from components.train.flops import StepFlops, device_peak_tflops, mfu, model_tflops_per_s
 from components.train.settings import VAL_MEASURED, LoopSettings, total_steps
+from components.train.step_time import StepClock, time_collectives
 
 CHECKPOINT_TAG = "state"
 
@@ -175,7 +183,12 @@ def load_checkpoint_dir(engine: Any, path: str | Path) -> int:
 def _restore(engine: Any, sink: Any, rank: int) -> int:
     """Load the newest intact checkpoint of the run (0 when there is none); rank 0 tells the driver which
     damaged ones it passed over."""
-    with intact_checkpoint(ray.train.get_checkpoint()) as resume:
+    checkpoint = ray.train.get_checkpoint()
+    unregistered = None
+    if checkpoint is None:  # a new run, or one whose checkpoint record was set aside as damaged
+        run = ray.train.get_context().get_storage()
+        unregistered = run_checkpoints(run.storage_filesystem, run.experiment_fs_path)
+    with intact_checkpoint(checkpoint, unregistered) as resume:
         if resume.damaged and rank == 0 and sink is not None:
             sink.damaged.remote(resume.damaged, resume.name)
         return 0 if resume.folder is None else load_checkpoint_dir(engine, resume.folder)
@@ -188,6 +201,26 @@ def _batches(dataset_name: str, plan: BatchPlan, collate: Any):
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _timed_batches(
+    batches: Iterable[dict[str, torch.Tensor]], skip: int, device: torch.device, clock: StepClock
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(index, batch on the device) from micro-batch `skip` on; the wait for each is the clock's data wait."""
+    iterator = iter(batches)
+    index = -1
+    while True:
+        with clock.phase("data_wait"):
+            try:
+                batch = next(iterator)
+                index += 1
+                while index < skip:  # consumed before the resume
+                    batch = next(iterator)
+                    index += 1
+            except StopIteration:
+                return
+            batch = _to_device(batch, device)
+        yield index, batch
 
 
 def _validation_loss(engine: Any, dataset_name: str, plan: BatchPlan, collate: Any, max_batches: int) -> float:
@@ -256,29 +289,36 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     val_loss = _validation_loss(engine, val_name, plan, collate, stage_cfg.eval_batches) if val_name else None
 
     engine.train()
-    started, window_start = time.perf_counter(), time.perf_counter()
+    clock = StepClock(torch.cuda.synchronize if settings.use_gpu else None)
+    flops = StepFlops.from_model(engine.module)
+    peak_tflops = device_peak_tflops(cfg.scaling.peak_tflops, engine.device)
+    time_collectives(clock, deepspeed.comm.comm.cdb)
+    started = window_start = time.perf_counter()
     done_at_start = step
-    window_loss, window_tokens, window_samples = 0.0, 0, 0
+    window_loss, window_tokens, window_samples, window_flops = 0.0, 0, 0, 0.0
     while step < steps:
         skip = (step % steps_per_epoch) * plan.accumulation  # micro-batches of this epoch already consumed
-        for index, batch in enumerate(_batches(f"{settings.train_dataset}_{rank}", plan, collate)):
-            if index < skip:
-                continue
-            batch = _to_device(batch, engine.device)
-            loss, _ = _forward_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            window_loss += loss.item() / plan.accumulation
+        batches = _batches(f"{settings.train_dataset}_{rank}", plan, collate)
+        for index, batch in _timed_batches(batches, skip, engine.device, clock):
+            with clock.phase("forward"):
+                loss, _ = _forward_loss(engine, batch)
+            with clock.phase("backward"):
+                engine.backward(loss)
+            with clock.phase("optimizer"):
+                engine.step()
+                window_loss += loss.item() / plan.accumulation
             window_tokens += int(batch["attention_mask"].sum())
             window_samples += batch["input_ids"].shape[0]
+            window_flops += flops.batch(batch["attention_mask"], batch["pixel_values"].shape[0])
             if (index + 1) % plan.accumulation:
                 continue
             step += 1
+            with clock.phase("report"):
+                loss_mean, tokens_total, samples_total, flops_total = _all_mean(
+                    [window_loss, float(window_tokens), float(window_samples), window_flops], engine.device
+                )
             now = time.perf_counter()
-            loss_mean, tokens_total, samples_total = _all_mean(
-                [window_loss, float(window_tokens), float(window_samples)], engine.device
-            )
-            elapsed = now - window_start
+            elapsed = now - window_start  # since the previous step ended: its reporting included
             rate = (step - done_at_start) / max(now - started, 1e-9)
             metrics = {
                 "step": step, "total_steps": steps, "epoch": (step - 1) // steps_per_epoch,
@@ -288,20 +328,29 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
                 "samples_per_s": samples_total * world / max(elapsed, 1e-9),
                 "step_time_s": elapsed,
                 "eta_s": (steps - step) / max(rate, 1e-9),
+                "model_tflops_per_s": model_tflops_per_s(flops_total * world, elapsed, world),
+                **clock.take(),
             }
-            if val_name is not None:
-                if step % eval_every == 0 or step == steps:
-                    val_loss = _validation_loss(engine, val_name, plan, collate, stage_cfg.eval_batches)
-                    metrics[VAL_MEASURED] = 1.0
-                # Always reported (Tune's schedulers compare every report); logged only where measured.
-                metrics["val_loss"] = val_loss
-            if rank == 0 and settings.metrics_sink is not None:
-                settings.metrics_sink.push.remote(settings.stage, metrics)
-            if step % stage_cfg.checkpoint_every == 0 or step == steps:
-                _save_checkpoint(engine, step, metrics, rank, world)
-            else:
-                ray.train.report(metrics)
-            window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+            if peak_tflops is not None:
+                metrics["mfu"] = mfu(flops_total * world, elapsed, world, peak_tflops)
+            with clock.phase("report"):  # booked in the next step's row
+                if val_name is not None:
+                    if step % eval_every == 0 or step == steps:
+                        val_loss = _validation_loss(engine, val_name, plan, collate, stage_cfg.eval_batches)
+                        metrics[VAL_MEASURED] = 1.0
+                    # Always reported (Tune's schedulers compare every report); logged only where measured.
+                    metrics["val_loss"] = val_loss
+                if rank == 0 and settings.metrics_sink is not None:
+                    settings.metrics_sink.push.remote(settings.stage, metrics)
+                if step % stage_cfg.checkpoint_every == 0 or step == steps:
+                    _save_checkpoint(engine, step, metrics, rank, world)
+                elif metrics.get(VAL_MEASURED):
+                    # Ray Train (and Tune's scheduler through it) hears of the steps that change what it
+                    # decides on: checkpoints and validations. Each report waits for the controller to
+                    # collect the one before (Ray Train V2 polls every 2 s), so one per step would cap
+                    # training at a step per 2 s; every step's metrics reach the driver through the sink.
+                    ray.train.report(metrics)
+            window_loss, window_tokens, window_samples, window_flops, window_start = 0.0, 0, 0, 0.0, now
             if step >= steps or step % steps_per_epoch == 0:
                 break  # done, or the epoch's complete global batches are used up
     state = _gather_artifact_state(engine, cfg.deepspeed.zero_stage)

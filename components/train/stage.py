@@ -7,6 +7,7 @@ need access to the tracking server).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,33 @@ def _kept_checkpoint(run_folder: str) -> str:
     return f"the newest complete checkpoint ({kept[0]}, step {kept[1]}) is intact and still the latest"
 
 
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def set_aside_damaged_snapshot(cfg: DuetConfig, run_uri: str, stage: int) -> None:
+    """Move Ray Train's checkpoint record of the run aside when it does not parse.
+
+    Ray Train rewrites it in place at every checkpoint, so a full disk can leave it empty; it then refuses
+    to start the run at all ("Expecting value"). Set aside, the run starts with no record and each worker
+    resumes from the newest intact checkpoint folder of the run (components.train.loop), losing nothing.
+    """
+    uri = storage.join(run_uri, RAY_TRAIN_SNAPSHOT)
+    try:
+        text = storage.read_text(uri, cfg.storage)
+    except FileNotFoundError:
+        return
+    try:
+        json.loads(text)
+        return
+    except ValueError:
+        pass
+    kept = f"{uri}.damaged"
+    storage.write_text(kept, text, cfg.storage)
+    storage.delete_file(uri, cfg.storage)
+    warn(f"stage{stage}: Ray Train's checkpoint record {uri} is damaged ({len(text)} bytes, not JSON; a full disk "
+         f"while it was written?); kept as {kept}, the stage resumes from the newest intact checkpoint of the run")
+
+
 def run_stage(
     cfg: DuetConfig,
     stage: int,
@@ -144,6 +172,7 @@ def run_stage(
     out_uri = artifact or artifact_uri(cfg, stage)
     fs, root = storage.resolve(storage_root(cfg), cfg.storage)
     name_in_storage = storage.join(storage_root(cfg), name)
+    set_aside_damaged_snapshot(cfg, name_in_storage, stage)
     sink = MetricsSink.options(scheduling_strategy=on_this_node()).remote()  # lives with the driver
     settings = LoopSettings(
         config=cfg.model_dump(mode="json"), stage=stage, num_train_samples=data.num_train_samples,

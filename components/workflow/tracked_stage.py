@@ -36,6 +36,7 @@ from components.tracking.tracker import STORAGE_RETRIES, Tracker, TrackingUnreac
 from components.train.deepspeed import plan_batch
 from components.train.settings import VAL_MEASURED, total_steps
 from components.train.stage import STAGE_SPLITS, StageData, StageResult, run_stage
+from components.train.step_time import format_breakdown
 from components.workflow.startup import stage_data, start
 from components.workflow.steps import StepOutcome, step_hash
 
@@ -136,6 +137,9 @@ def tracked_stage(
         tracker.log_metrics(run_id, {STORAGE_RETRIES: storage.retry_count() - retries_before})
         tracker.set_tags(run_id, {TAG_ARTIFACT: result.artifact_uri, TAG_CONFIG_HASH: cfg.hash()})
         storage.delete_file(unsent_metrics_uri(cfg, stage, digest), cfg.storage)
+        breakdown = format_breakdown(result.history)
+        if breakdown is not None:
+            say(f"{name}: {breakdown}")
         say(f"{name}: done, artifact {result.artifact_uri}")
         return StepOutcome(run_id, result.artifact_uri, False, _final_metrics(result), data.digest)
 

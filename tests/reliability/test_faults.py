@@ -28,7 +28,7 @@ import ray
 from conftest import FAKE_AWS_ENV, free_port
 from flaky_proxy import FlakyProxy
 from moto.server import ThreadedMotoServer
-from pipeline_runs import STEPS, checkpoints, end_leftovers, pretrain_command
+from pipeline_runs import checkpoints, end_leftovers, pretrain_command
 
 from components import storage
 from components.config import DuetConfig, StorageSection, load_config
@@ -38,6 +38,8 @@ from components.workflow.full import run_full
 from components.workflow.tracked_stage import run_single_stage
 
 REPO = Path(__file__).resolve().parents[2]
+# Long enough that the stage is still training after a rival driver was refused (a step takes ~0.3 s).
+KILLED_DRIVER_STEPS = 40
 MiB = 2**20
 pytestmark = pytest.mark.timeout(300)
 
@@ -172,7 +174,8 @@ def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_pa
     ray_tmp = tempfile.mkdtemp(prefix="duet-kill-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    work, command = tmp_path / "work", pretrain_command(tmp_path / "work")
+    work = tmp_path / "work"
+    command = [*pretrain_command(work), f"--set=stage1.max_steps={KILLED_DRIVER_STEPS}"]
     try:
         with open(tmp_path / "first.log", "wb") as log:
             first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -209,7 +212,7 @@ def test_a_killed_driver_reruns_from_the_last_checkpoint_reusing_the_data(tmp_pa
     assert sorted(reused) == [(s, "reused") for s in ("caption", "test", "train", "validation")], reused
     assert re.search(r"\[duet\] base model: .* \(reused\)", out)
     (resumed,) = map(int, re.findall(r"resumed from checkpoint at step (\d+)", out))
-    steps = [int(s) for s in re.findall(rf"stage1 step (\d+)/{STEPS} ", out)]
+    steps = [int(s) for s in re.findall(rf"stage1 step (\d+)/{KILLED_DRIVER_STEPS} ", out)]
     assert resumed >= 2 and resumed % 2 == 0 and killed_at >= 1
-    assert steps == list(range(resumed + 1, STEPS + 1)), f"resumed at {resumed}, then ran {steps}"
+    assert steps == list(range(resumed + 1, KILLED_DRIVER_STEPS + 1)), f"resumed at {resumed}, then ran {steps}"
     assert (work / "runs/demo/stage1/artifact/artifact.json").is_file()

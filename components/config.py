@@ -139,6 +139,11 @@ class ModelSection(Section):
     tiny: TinyModelSection = TinyModelSection()
     max_length: PositiveInt = 2048
     gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel of both towers: sdpa (PyTorch's fused attention), eager, or "
+        "flash_attention_2 (GPU, needs the flash-attn package).",
+    )
 
     @model_validator(mode="after")
     def _checkpoint_needed(self) -> ModelSection:

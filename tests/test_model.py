@@ -57,6 +57,29 @@ def _grads(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_attn_implementation_reaches_both_towers_with_the_same_loss(tiny_cfg: DuetConfig, kernel: str) -> None:
+    cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"attn_implementation": kernel})})
+    torch.manual_seed(0)  # VCE's fresh weights
+    model = build_model(cfg, stage=1)
+    config = model.config
+    assert (config.vision_config._attn_implementation, config.text_config._attn_implementation) == (kernel, kernel)
+    torch.manual_seed(0)
+    reference = build_model(tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(
+        update={"attn_implementation": "eager" if kernel == "sdpa" else "sdpa"})}), stage=1)
+    with torch.no_grad():
+        assert model(**_batch(model)).loss.item() == pytest.approx(reference(**_batch(reference)).loss.item(), rel=1e-5)
+
+
+def test_flash_attention_is_refused_where_it_cannot_run(tiny_cfg: DuetConfig) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: whether flash-attn runs depends on the package")
+    cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(
+        update={"attn_implementation": "flash_attention_2"})})
+    with pytest.raises(ValueError, match=r"model.attn_implementation 'flash_attention_2'.*no CUDA device.*sdpa"):
+        build_model(cfg, stage=1)
+
+
 def test_stage1_gradients_reach_only_projector_and_vce(tiny_cfg: DuetConfig) -> None:
     model = build_model(tiny_cfg, stage=1)
     assert isinstance(projector_module(model), VCEProjector)

@@ -10,6 +10,7 @@ transformers' code.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -113,7 +114,27 @@ def load_base_model(cfg: DuetConfig, dtype: torch.dtype | None = None) -> LlavaF
             "(the demo builds a tiny one: see pipelines/full.py)"
         )
     path = local_checkpoint(cfg.model.checkpoint, cfg.storage)
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    check_attn_implementation(cfg.model.attn_implementation)
+    # One string sets every sub-config: the CLIP tower and the language model get the same kernel.
+    return LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype or torch.float32, attn_implementation=cfg.model.attn_implementation
+    )
+
+
+def check_attn_implementation(name: str) -> None:
+    """Refuse flash_attention_2 where it cannot run, before minutes of loading (transformers' own error comes late)."""
+    if name != "flash_attention_2":
+        return
+    missing = []
+    if importlib.util.find_spec("flash_attn") is None:
+        missing.append("the flash-attn package is not installed")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA device is visible")
+    if missing:
+        raise ValueError(
+            f"model.attn_implementation 'flash_attention_2': {' and '.join(missing)}; "
+            "install flash-attn on the GPU workers, or set model.attn_implementation: sdpa"
+        )
 
 
 def attach_vce(model: LlavaForConditionalGeneration, vce_cfg: VCESection) -> LlavaForConditionalGeneration:

@@ -11,7 +11,9 @@ patches, 4 levels, 16 heads, 4 points) this measures, side by side in one run:
   counted once per storage, weights excluded), plus the peak CUDA allocation on a GPU;
 - analytic forward FLOPs, to set each measured ratio beside the arithmetic one.
 
-VCE here is the pure-PyTorch `grid_sample` reference in components/model/vce.py, the only path.
+VCE is timed on both sampling paths side by side: `vce`, duet's pure-PyTorch `grid_sample`
+reference, and `vce_detr`, the same weights sampling through transformers' Deformable DETR module
+(`vce.sampler: deformable_detr`), which on a GPU with the `kernels` package runs its fused CUDA kernel.
 
     .venv/bin/python benchmarks/vce.py --json .duet/bench/vce.json
 """
@@ -43,9 +45,10 @@ from components.config import TinyModelSection, VCESection
 from components.model.llava import llava_15_7b_config
 from components.model.tiny import build_tokenizer, tiny_llava_config
 from components.model.vce import VisualCueEnhancer
+from components.model.vce_sampling import use_fused_kernel
 
-FORWARD_CASES = ("vce", "projector", "vce+projector", "vision_tower")
-TRAIN_CASES = ("vce", "projector", "vce+projector")
+FORWARD_CASES = ("vce", "projector", "vce+projector", "vision_tower", "vce_detr")
+TRAIN_CASES = ("vce", "projector", "vce+projector", "vce_detr")
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ def build_parts(
 
 def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     config, vce, projector, tower = build_parts(run.arch, device, dtype)
+    vce_detr = VisualCueEnhancer.from_config(VCESection(sampler="deformable_detr"), config.vision_config.hidden_size)
+    vce_detr.load_state_dict(vce.state_dict())
+    vce_detr.to(device=device, dtype=dtype)
+    detr_path = use_fused_kernel(vce_detr, device)
     vc = config.vision_config
     side = vc.image_size // vc.patch_size
     patches, dim = side * side, vc.hidden_size
@@ -178,8 +185,11 @@ def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtyp
     def run_both() -> torch.Tensor:
         return projector(vce(anchor, references, (side, side)))
 
+    def run_vce_detr() -> torch.Tensor:
+        return vce_detr(anchor, references, (side, side))
+
     forward_fns = {"vce": run_vce, "projector": run_projector, "vce+projector": run_both,
-                   "vision_tower": lambda: tower(pixels, output_hidden_states=True)}
+                   "vision_tower": lambda: tower(pixels, output_hidden_states=True), "vce_detr": run_vce_detr}
 
     def inference(fn: Callable[[], Any]) -> Callable[[], None]:
         def call() -> None:
@@ -189,20 +199,20 @@ def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtyp
 
     def train(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
         def call() -> None:
-            vce.zero_grad(set_to_none=True)
-            projector.zero_grad(set_to_none=True)
+            for module in (vce, vce_detr, projector):
+                module.zero_grad(set_to_none=True)
             fn().backward(grad)
         return call
 
     repeats = max(2, round(run.forward_repeats * scale))
-    for case in ("vce", "projector", "vce+projector"):  # the tower was warmed up by the call above
+    for case in ("vce", "projector", "vce+projector", "vce_detr"):  # the tower was warmed up by the call above
         inference(forward_fns[case])()
     forward = measure_interleaved({k: inference(forward_fns[k]) for k in FORWARD_CASES}, repeats, 0,
                                   run.forward_number, device, f"vce {name} forward", default_clock(device))
-    vce.train()
-    projector.train()
+    for module in (vce, vce_detr, projector):
+        module.train()
     train_cases = {"vce": train(run_vce, grad_vce), "projector": train(run_projector, grad_proj),
-                   "vce+projector": train(run_both, grad_proj)}
+                   "vce+projector": train(run_both, grad_proj), "vce_detr": train(run_vce_detr, grad_vce)}
     repeats = max(2, round(run.train_repeats * scale))
     backward = measure_interleaved(train_cases, repeats, 1, run.train_number, device, f"vce {name} fwd+bwd",
                                   default_clock(device))
@@ -225,6 +235,7 @@ def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtyp
         "vce": saved_tensor_bytes(run_vce, weights),
         "projector": saved_tensor_bytes(run_projector, weights),
         "vce+projector": saved_tensor_bytes(run_both, weights),
+        "vce_detr": saved_tensor_bytes(run_vce_detr, [*weights, *vce_detr.parameters()]),
     }
     peak = {k: cuda_peak_bytes(forward_fns[k], device) for k in TRAIN_CASES}
     return {
@@ -246,11 +257,13 @@ def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtyp
                 "vce/projector": paired(forward, "vce", "projector"),
                 "vce/vision_tower": paired(forward, "vce", "vision_tower"),
                 "vce+projector/projector": paired(forward, "vce+projector", "projector"),
+                "vce_detr/vce": paired(forward, "vce_detr", "vce"),
             },
             "forward_backward": {
                 "vce/projector": paired(backward, "vce", "projector"),
                 "vce+projector/projector": paired(backward, "vce+projector", "projector"),
                 "vce/vision_tower_forward": backward.median("vce") / forward.median("vision_tower"),
+                "vce_detr/vce": paired(backward, "vce_detr", "vce"),
             },
             "stage1_vision_side": overhead,
         },
@@ -263,6 +276,7 @@ def bench_size(name: str, run: SizeRun, scale: float, device: torch.device, dtyp
         "activation_bytes": activations,
         "activation_mib": {k: mib(v) for k, v in activations.items()},
         "cuda_peak_forward_bytes": peak if device.type == "cuda" else None,
+        "vce_detr_path": detr_path,
     }
 
 
@@ -285,8 +299,8 @@ def print_report(payload: dict[str, Any]) -> None:
                         "fwd+bwd VCE/tower fwd", "fwd (VCE+proj)/proj", "stage-1 vision side"], rows))
     rows = []
     for name, res in payload["sizes"].items():
-        for part in ("vce", "projector", "vce+projector", "vision_tower"):
-            params = res["params"].get(part, res["params"]["vce"] + res["params"]["projector"])
+        for part in ("vce", "vce_detr", "projector", "vce+projector", "vision_tower"):
+            params = res["params"].get(part.removesuffix("_detr"), res["params"]["vce"] + res["params"]["projector"])
             act = res["activation_mib"].get(part)
             rows.append([name, part, f"{params / 1e6:.3f} M", f"{mib(2 * params):.2f}",
                          seconds(res["seconds"]["forward"][part]),
@@ -295,6 +309,10 @@ def print_report(payload: dict[str, Any]) -> None:
     print("\nSizes and times (medians)")
     print(format_table(["size", "part", "params", "MiB fp16", "forward", "fwd+bwd", "saved activations MiB"],
                        rows))
+    print("\nVCE sampling paths (vce_detr / vce, paired per repetition)")
+    rows = [[name, res["vce_detr_path"], res["ratios"]["forward"]["vce_detr/vce"],
+             res["ratios"]["forward_backward"]["vce_detr/vce"]] for name, res in payload["sizes"].items()]
+    print(format_table(["size", "vce_detr path", "forward", "fwd+bwd"], rows))
 
 
 def run(preset_name: str, sizes: list[str] | None = None, device: str | None = None, dtype: str | None = None,
@@ -316,7 +334,7 @@ def run(preset_name: str, sizes: list[str] | None = None, device: str | None = N
         "machine": machine(),
         "settings": {"preset": preset_name, "device": str(dev), "dtype": str(torch_dtype).removeprefix("torch."),
                      "threads": torch.get_num_threads(), "clock": default_clock(dev),
-                     "vce_path": "grid_sample reference"},
+                     "vce_path": "grid_sample reference; vce_detr: Deformable DETR module"},
     }
     write_json(json_path, payload)
     return payload

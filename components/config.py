@@ -182,6 +182,11 @@ class VCESection(Section):
     heads: PositiveInt = 16
     points: PositiveInt = 4
     final_norm: bool = True
+    sampler: Literal["pytorch", "deformable_detr"] = Field(
+        "pytorch",
+        description="How VCE reads its levels: duet's grid_sample reference, or transformers' Deformable DETR "
+        "module, which runs a fused CUDA kernel when the kernels package is installed (same weights either way).",
+    )
 
     def check_layers(self, layers: int, where: str = "") -> None:
         """Refuse layer indices outside a vision tower of `layers` layers (ValueError naming the key)."""

@@ -74,8 +74,10 @@ def test_vce_quick_json(quick_results: Path) -> None:
     positive_finite(tiny["params"], "params")
     positive_finite(tiny["activation_bytes"], "activation_bytes")
     positive_finite(tiny["seconds"], "seconds")
-    assert set(tiny["seconds"]["forward"]) == {"vce", "projector", "vce+projector", "vision_tower"}
-    assert set(tiny["ratios"]["forward"]) == {"vce/projector", "vce/vision_tower", "vce+projector/projector"}
+    assert set(tiny["seconds"]["forward"]) == {"vce", "projector", "vce+projector", "vision_tower", "vce_detr"}
+    assert set(tiny["ratios"]["forward"]) == {"vce/projector", "vce/vision_tower", "vce+projector/projector",
+                                              "vce_detr/vce"}
+    assert tiny["vce_detr_path"].startswith("deformable_detr")
 
 
 @pytest.mark.slow

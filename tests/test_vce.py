@@ -1,4 +1,4 @@
-"""VCE: the grid_sample module against a per-sample loop with its own bilinear reads, sizes, grads, errors."""
+"""VCE: both samplers against a per-sample loop with its own bilinear reads, sizes, grads, errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from components.config import VCESection
+from components.config import DuetConfig, VCESection
+from components.model.artifact import vce_signature
 from components.model.vce import VisualCueEnhancer, select_vision_features
+from components.model.vce_sampling import SAMPLERS, use_fused_kernel
 
 DIM, HEADS, POINTS = 16, 2, 3
 
@@ -134,12 +136,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("final_norm", [True, False])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_per_sample_loop_with_random_weights(case: str, final_norm: bool) -> None:
+def test_matches_per_sample_loop_with_random_weights(case: str, final_norm: bool, sampler: str) -> None:
     torch.manual_seed(0)
     shapes, anchor_hw = CASES[case]
-    module = _randomise(VisualCueEnhancer(DIM, len(shapes), heads=HEADS, points=POINTS, final_norm=final_norm))
+    module = _randomise(VisualCueEnhancer(DIM, len(shapes), heads=HEADS, points=POINTS, final_norm=final_norm,
+                                          sampler=sampler))
     anchor, references = _inputs(shapes, anchor_hw)
     shared = shapes[0] if len(set(shapes)) == 1 else shapes
     got = module(anchor, references, shared, anchor_shape=anchor_hw)
@@ -196,6 +200,42 @@ def test_paper_size_at_clip_vit_l() -> None:
     # Without the anchor's own level the module is smaller than the paper's figure.
     smaller = VisualCueEnhancer.from_config(VCESection(include_anchor_level=False), 1024)
     assert sum(p.numel() for p in smaller.parameters()) < params - 50_000
+
+
+def test_samplers_share_weights_and_agree_in_values_and_gradients() -> None:
+    torch.manual_seed(5)
+    shapes = [(3, 7), (2, 4), (4, 5)]
+    modules = {name: VisualCueEnhancer(DIM, 3, heads=HEADS, points=POINTS, sampler=name) for name in SAMPLERS}
+    _randomise(modules["pytorch"])
+    state = modules["pytorch"].state_dict()
+    assert modules["deformable_detr"].load_state_dict(state) is not None  # strict: the same keys, no more
+    assert type(modules["deformable_detr"].deformable_attention).__name__ == "MultiScaleDeformableAttention"
+    anchor, references = _inputs(shapes, (3, 7))
+    results = {}
+    for name, module in modules.items():
+        inputs = [t.clone().requires_grad_(True) for t in (anchor, *references)]
+        out = module(inputs[0], inputs[1:], shapes)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[name] = (out, [t.grad for t in inputs], {n: p.grad for n, p in module.named_parameters()})
+    (out_a, input_grads_a, grads_a), (out_b, input_grads_b, grads_b) = results.values()
+    torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
+    for got, want in zip(input_grads_b, input_grads_a):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for name, want in grads_a.items():
+        torch.testing.assert_close(grads_b[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unknown_sampler_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"vce.sampler must be one of \['pytorch', 'deformable_detr'\]"):
+        VisualCueEnhancer(DIM, 2, heads=HEADS, sampler="cuda")
+    assert "sampler" not in vce_signature(DuetConfig(vce=VCESection(sampler="deformable_detr")))
+
+
+def test_fused_kernel_is_only_sought_on_cuda() -> None:
+    plain = VisualCueEnhancer(DIM, 2, heads=HEADS)
+    assert use_fused_kernel(plain, torch.device("cpu")) == "pytorch"
+    module = VisualCueEnhancer(DIM, 2, heads=HEADS, sampler="deformable_detr")
+    assert use_fused_kernel(module, torch.device("cpu")).startswith("deformable_detr (PyTorch forward: no CUDA")
 
 
 def test_gradients_reach_every_parameter_and_input() -> None:

@@ -102,7 +102,8 @@ def model_signature(cfg: DuetConfig) -> dict[str, Any]:
 
 
 def vce_signature(cfg: DuetConfig) -> dict[str, Any]:
-    return cfg.vce.model_dump(mode="json")
+    """What VCE's weights depend on: not the sampler, which holds none."""
+    return cfg.vce.model_dump(mode="json", exclude={"sampler"})
 
 
 def save_stage_artifact(

@@ -12,7 +12,9 @@ Detection", ICLR 2021), with one level per reference map: each query predicts,
 per head, `points` sampling offsets on every level around its own patch centre
 and a softmax weight over levels x points; the values there are read by
 bilinear interpolation (zero padding, align_corners=False). This pure-PyTorch
-`grid_sample` version is the reference and runs on any device.
+`grid_sample` version is the reference and runs on any device; `sampler="deformable_detr"` reads
+through transformers' Deformable DETR module instead, which a fused CUDA kernel can replace
+(components/model/vce_sampling.py).
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.config import VCESection
+from components.model.vce_sampling import (
+    SAMPLERS,
+    deformable_detr_module,
+    sample_deformable_detr,
+    sample_reference,
+)
 
 Shape = tuple[int, int]
 
@@ -45,8 +52,11 @@ class VisualCueEnhancer(nn.Module):
         points: int = 4,
         final_norm: bool = True,
         eps: float = 1e-6,
+        sampler: str = "pytorch",
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"vce.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
         for name, value in (("dim", dim), ("num_levels", num_levels), ("vce.heads", heads), ("vce.points", points)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -69,13 +79,17 @@ class VisualCueEnhancer(nn.Module):
         self.output_proj = nn.Linear(dim, dim)
         # The authors' code skips this LayerNorm; eq. 7 of the paper has it.
         self.norm = nn.LayerNorm(dim, eps=eps) if final_norm else None
+        self.sampler = sampler
+        # No parameters: state dicts are the same under either sampler.
+        self.deformable_attention = deformable_detr_module() if sampler == "deformable_detr" else None
         self.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg: VCESection, dim: int) -> VisualCueEnhancer:
         """One level per reference layer, plus the anchor's own map when `include_anchor_level`."""
         num_levels = len(cfg.reference_layers) + (1 if cfg.include_anchor_level else 0)
-        return cls(dim, num_levels, heads=cfg.heads, points=cfg.points, final_norm=cfg.final_norm)
+        return cls(dim, num_levels, heads=cfg.heads, points=cfg.points, final_norm=cfg.final_norm,
+                   sampler=cfg.sampler)
 
     def reset_parameters(self) -> None:
         """Deformable DETR's init: offsets start on a radial pattern, attention starts uniform."""
@@ -94,7 +108,7 @@ class VisualCueEnhancer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_levels={self.num_levels}, heads={self.heads}, points={self.points}, "
-            f"final_norm={self.norm is not None}"
+            f"final_norm={self.norm is not None}, sampler={self.sampler}"
         )
 
     def forward(
@@ -139,22 +153,15 @@ class VisualCueEnhancer(nn.Module):
     def _sample_and_weigh(
         self, references: Sequence[Tensor], shapes: list[Shape], locations: Tensor, weights: Tensor
     ) -> Tensor:
-        """Bilinear reads of every head of a level in one `grid_sample` (heads folded into the batch)."""
-        batch, num_queries = locations.shape[:2]
-        folded = batch * self.heads
-        # grid_sample's grid spans [-1, 1] over the outer cell edges (align_corners=False).
-        grids = (2 * locations - 1).permute(0, 2, 3, 1, 4, 5)  # [B, heads, L, N, P, 2]
-        weights = weights.permute(0, 2, 3, 1, 4).float()  # [B, heads, L, N, P]
-        total = None
-        for level, (reference, (height, width)) in enumerate(zip(references, shapes)):
-            value = self.value_proj(self.value_norm(reference))  # [B, H*W, d]
-            value = value.view(batch, height * width, self.heads, self.head_dim)
-            value = value.permute(0, 2, 3, 1).reshape(folded, self.head_dim, height, width).float()
-            grid = grids[:, :, level].reshape(folded, num_queries, self.points, 2)
-            read = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            level_sum = (read * weights[:, :, level].reshape(folded, 1, num_queries, self.points)).sum(-1)
-            total = level_sum if total is None else total + level_sum  # [B*heads, head_dim, N]
-        return total.view(batch, self.dim, num_queries).transpose(1, 2)
+        """Project every level's values, then read them at `locations` with the configured sampler."""
+        batch = locations.shape[0]
+        values = [
+            self.value_proj(self.value_norm(reference)).view(batch, height * width, self.heads, self.head_dim)
+            for reference, (height, width) in zip(references, shapes)
+        ]
+        if self.deformable_attention is not None:
+            return sample_deformable_detr(self.deformable_attention, values, shapes, locations, weights)
+        return sample_reference(values, shapes, locations, weights)
 
     def _check_inputs(
         self,

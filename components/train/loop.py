@@ -42,6 +42,7 @@ from components.data.dataset import make_collate
 from components.errors import DuetError
 from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
+from components.model.vce_sampling import use_fused_kernel
 from components.train.checkpoint_files import (
     PROGRESS_FILE,
     intact_checkpoint,
@@ -279,6 +280,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(cfg.deepspeed, plan, precision),
     )
+    use_fused_kernel(engine.module, engine.device)  # vce.sampler: deformable_detr on CUDA; warns if it cannot
     step = _restore(engine, settings.metrics_sink, rank)
     if step and rank == 0 and settings.metrics_sink is not None:  # the driver says so, also with no step left
         settings.metrics_sink.resumed.remote(step)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# Wheels the GPU check needs beyond torch/transformers/peft/safetensors (carried with the working tree).
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download --quiet --only-binary=:all: --no-deps --python-version 3.11 --platform manylinux2014_x86_64 \
+		--implementation cp -d benchmarks/wheels \
+		$$($(BIN)/pip list --format=freeze | grep -iE '^(pydantic|pydantic_core|annotated.types|typing.inspection|pyyaml|pillow)==')
 
 clean:
 	rm -rf $(VENV) .duet

@@ -37,7 +37,7 @@ bench: $(STAMP)
 
 # Wheels the GPU check needs beyond torch/transformers/peft/safetensors (carried with the working tree).
 gpu-wheels: $(STAMP)
-	$(BIN)/pip download --quiet --only-binary=:all: --no-deps --python-version 3.11 --platform manylinux2014_x86_64 \
+	$(BIN)/pip download --quiet --only-binary=:all: --no-deps --python-version 3.11 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 		--implementation cp -d benchmarks/wheels \
 		$$($(BIN)/pip list --format=freeze | grep -iE '^(pydantic|pydantic_core|annotated.types|typing.inspection|pyyaml|pillow)==')
 

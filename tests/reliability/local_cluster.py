@@ -79,7 +79,7 @@ class LocalCluster:
             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
             "--ray-client-server-port", str(free_port()), *extra], head_env)
-        self._wait("the Ray head to come up", lambda: len(self.alive_ids()) > 0)
+        self._wait("the Ray head to come up", lambda: len(self.alive_ids()) > 0, timeout_s=240)
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(Path(self.tmp) / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the node)
@@ -92,8 +92,11 @@ class LocalCluster:
         """The ids of the nodes Ray counts as alive, asked from a fresh driver."""
         probe = ("import json, ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
                  f"print({PROBE_MARK!r} + json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
-        done = subprocess.run([sys.executable, "-c", probe], env={**self.env, "RAY_ADDRESS": self.address},
-                              capture_output=True, text=True, timeout=120, check=False)
+        try:
+            done = subprocess.run([sys.executable, "-c", probe], env={**self.env, "RAY_ADDRESS": self.address},
+                                  capture_output=True, text=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:  # a GCS still starting on a loaded machine: ask again, within the wait
+            return set()
         return set(probe_json(done.stdout)) if done.returncode == 0 else set()
 
     def _wait(self, what: str, until, timeout_s: float = 90) -> None:
@@ -124,7 +127,7 @@ class LocalCluster:
         """The node's machine is gone: its raylet and every process on it end at once; returns once Ray knows."""
         os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait(timeout=30)
-        self._wait("lost node declared dead", lambda: node.node_id not in self.alive_ids())
+        self._wait("lost node declared dead", lambda: bool(alive := self.alive_ids()) and node.node_id not in alive)
 
     def drain_for_preemption(self, node: WorkerNode, deadline_s: int) -> None:
         """What a cloud provider's spot reclaim notice does: the node is drained, to be killed at the deadline."""

@@ -4,8 +4,9 @@ The step is what a stage-2 worker does per optimizer step without the cluster ar
 backward of a LLaVA with VCE and the adapter on q_proj/v_proj (projector, VCE and adapter trained,
 vision tower and language model frozen), then AdamW. No Ray, DeepSpeed or MLflow, so it runs where
 only torch, transformers and peft are installed (benchmarks/gpu_check.sh). Weights are random: the
-numbers are timing, not quality. Everything is in the preset's dtype (bf16 on the GPU, as DeepSpeed's
-bf16 mode computes; its fp32 master weights are left out).
+numbers are timing, not quality. The base, VCE and projector are in the preset's dtype (bf16 on the
+GPU, as DeepSpeed's bf16 mode computes; its fp32 master weights are left out); PEFT keeps the adapter's
+weights in fp32 (`autocast_adapter_dtype`), as in training.
 
 LoRA and Dual-LoRA share one set of base weights (weight-sharing copies, benchmarks/adapters.py) and
 are timed interleaved, so their ratio isolates the adapter. Model FLOPs and MFU follow

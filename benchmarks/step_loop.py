@@ -126,7 +126,7 @@ def run(preset_name: str, device: str | None = None, peak_tflops: float | None =
     peak = device_peak_tflops(peak_tflops, dev)
     results: dict[str, dict[str, Any]] = {}
     for method, model in models.items():
-        flops = StepFlops.from_model(model).batch(batch["attention_mask"], images=preset.batch)
+        flops = StepFlops.from_model(model).batch(batch["attention_mask"].sum(dim=1).tolist(), images=preset.batch)
         step_s = timing.median(method)
         results[method] = {
             "step_s": step_s,

@@ -96,6 +96,10 @@ class DataSection(Section):
         0.5, description="CPUs reserved per shard reader and preprocessing actor (text and image stages)."
     )
     preprocess_batch_size: PositiveInt = Field(32, description="Rows per batch in the image-transform actors.")
+    packing: bool = Field(
+        False, description="Training: pack each micro-batch's samples several to a row (up to model.max_length), "
+                           "each attending only to itself; same samples, losses and steps, less padding."
+    )
     io_threads: Annotated[int, Field(ge=1, le=256)] = Field(
         8, description="Parallel image reads while converting LLaVA/UniFood inputs to shards."
     )
@@ -296,6 +300,11 @@ class ScalingSection(Section):
         "counted apart from max_failures; -1: no limit."
     )
     storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://); default work_dir.")
+    checkpoint_upload: Literal["sync", "async"] = Field(
+        "sync", description="sync: a checkpoint step waits until the checkpoint is in storage_path; async: it is "
+                            "written locally and uploaded in the background while training goes on (Ray Train's "
+                            "checkpoint_upload_mode). A checkpoint still uploading when a worker dies is lost."
+    )
     peak_tflops: PositiveFloat | None = Field(
         None, description="Peak TFLOP/s of one training device, for MFU; default: the bf16 peak of a known GPU "
         "(components/train/flops.py), none on CPU (then MFU is not logged).")

@@ -22,7 +22,9 @@ from hypothesis import settings
 from moto.server import ThreadedMotoServer
 
 from components import storage
-from components.config import StorageSection, TinyModelSection
+from components.config import DuetConfig, StorageSection, TinyModelSection, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Property tests run the same examples on every run, so a red CI run is reproducible.
 settings.register_profile("duet", derandomize=True, deadline=None)
@@ -89,6 +91,17 @@ def tiny_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     path: Path = tmp_path_factory.mktemp("tiny-processor")
     return build_tiny_processor(TinyModelSection(), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> DuetConfig:
+    """The demo config on a tiny base saved without warm-up (adapter r=8): for model-level tests."""
+    from components.model.tiny import save_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "base"
+    cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"model.checkpoint={path}", "adapter.r=8"])
+    save_tiny_checkpoint(cfg.model.tiny.model_copy(update={"warmup_steps": 0, "vision_warmup_steps": 0}), path, seed=0)
+    return cfg
 
 
 @pytest.fixture

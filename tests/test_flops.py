@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from components.config import load_config
+from components.data.packing import sample_lengths
 from components.model.sizes import build_meta_model, component_sizes
 from components.train.flops import StepFlops, device_peak_tflops, mfu, model_tflops_per_s
 
@@ -27,7 +28,10 @@ def test_flops_of_a_micro_batch_by_hand() -> None:
     assert frozen_bridge.per_image() == 700 + 2 * 7 * 4, "a frozen projector: forward only"
     # Two samples of 3 and 2 real tokens (padding is not counted) and one image: 868 + 384 + (112 + 96).
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    assert SMALL.batch(mask, images=1) == 1460
+    assert SMALL.batch(sample_lengths({"attention_mask": mask}), images=1) == 1460
+    # The same two samples packed into one row: each attends only to itself, so the FLOPs are the same.
+    packed = {"sample_index": torch.tensor([[0, 0, 0, 1, 1]]), "input_ids": torch.zeros(1, 5)}
+    assert SMALL.batch(sample_lengths(packed), images=1) == 1460
 
 
 def test_mfu_is_model_flops_per_device_over_the_peak() -> None:

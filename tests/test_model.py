@@ -23,18 +23,9 @@ from components.model.artifact import (
 from components.model.llava import VCEProjector, projector_module
 from components.model.sizes import build_meta_model, component_sizes
 from components.model.stages import build_model, parameter_groups
-from components.model.tiny import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = ["lora", "dual_lora", "moe_lora_topk", "moe_lora_softmax", "rode"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> DuetConfig:
-    path = tmp_path_factory.mktemp("tiny") / "base"
-    cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"model.checkpoint={path}", "adapter.r=8"])
-    save_tiny_checkpoint(cfg.model.tiny.model_copy(update={"warmup_steps": 0, "vision_warmup_steps": 0}), path, seed=0)
-    return cfg
 
 
 def _batch(model: torch.nn.Module, seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:

@@ -118,9 +118,24 @@ def test_one_and_two_workers_give_the_same_steps(work: Path, cluster: dict[int, 
     assert all(row["mfu"] == pytest.approx(row["model_tflops_per_s"] / 0.5) for row in single.history)
 
 
+def test_packed_rows_train_the_same_steps_with_less_padding(work: Path, cluster: dict[int, StageData],
+                                                            stage1: StageResult) -> None:
+    """data.packing on the real path (Ray Data -> 2 Ray Train workers -> DeepSpeed): the same samples per step,
+    so the same losses as padded rows, computed on fewer padding tokens."""
+    cfg = _config(work, "run.name=packed", "data.packing=true")
+    packed = run_stage(cfg, 1, cluster[1], artifact=str(work / "packed-artifact"))
+    torch.testing.assert_close(_losses(packed), _losses(stage1), rtol=2e-4, atol=2e-4)
+    efficiency = [row["padding_efficiency"] for row in packed.history]
+    reference = [row["padding_efficiency"] for row in stage1.history]
+    assert all(0 < ref <= p <= 1 for p, ref in zip(efficiency, reference)), (efficiency, reference)
+    assert sum(efficiency) > sum(reference), (efficiency, reference)
+
+
+@pytest.mark.parametrize("upload", ["sync", "async"])
 def test_killed_worker_resumes_without_lost_or_repeated_steps(work: Path, cluster: dict[int, StageData],
-                                                             stage1: StageResult) -> None:
-    cfg = _config(work, "run.name=fault")
+                                                             stage1: StageResult, upload: str) -> None:
+    """Also with scaling.checkpoint_upload=async: checkpoints uploaded in the background resume the same."""
+    cfg = _config(work, f"run.name=fault-{upload}", f"scaling.checkpoint_upload={upload}")
     killed: list[int] = []
     lock = threading.Lock()
 
@@ -135,7 +150,7 @@ def test_killed_worker_resumes_without_lost_or_repeated_steps(work: Path, cluste
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    result = run_stage(cfg, 1, cluster[1], on_metrics=kill_after_step_three, artifact=str(work / "fault-art"))
+    result = run_stage(cfg, 1, cluster[1], on_metrics=kill_after_step_three, artifact=str(work / f"fault-{upload}"))
     assert killed, "a worker was killed mid-stage"
     # Steps 1..N exactly once after the rollback to the step-2 checkpoint, and the same losses as the
     # uninterrupted run: no optimizer step was lost or repeated and the data position was restored.

@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -38,9 +40,10 @@ from components import storage
 from components.config import DuetConfig, StorageSection
 from components.data import quality
 from components.data.conversation import IGNORE_INDEX, Encoder
+from components.data.packing import pack
 from components.data.preprocessors import ImagePreprocessor, TextPreprocessor, keep_positions
 from components.data.shards import Manifest, read_manifest, shard_uris
-from components.data.transform import load_image_spec
+from components.data.transform import ImageSpec, load_image_spec
 
 # Files of a model directory the data side needs (never the weights).
 _PROCESSOR_FILES = (
@@ -102,18 +105,13 @@ def build_dataset(
     """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
-    manifest = read_manifest(split_uri, cfg.storage)
-    fs, _ = storage.resolve(split_uri, cfg.storage)
-    paths = [storage.resolve(uri, cfg.storage)[1] for uri in shard_uris(split_uri, manifest)]
-    local_dir = local_processor_dir(processor_dir, cfg.storage)
     data = cfg.data
-    encoder = Encoder(load_tokenizer(local_dir), data.conversation_template, num_visual_tokens, cfg.model.max_length)
-    spec = load_image_spec(local_dir)
-    monitor = split_monitor(manifest, data.max_bad_fraction)
+    inputs = preprocessing_inputs(split_uri, cfg, processor_dir, num_visual_tokens)
     shuffle = ray.data.FileShuffleConfig(seed=data.seed) if shuffle_files else None
     dataset = ray.data.read_webdataset(
-        paths, filesystem=fs, decoder=None, shuffle=shuffle, num_cpus=data.preprocess_num_cpus
+        inputs.paths, filesystem=inputs.filesystem, decoder=None, shuffle=shuffle, num_cpus=data.preprocess_num_cpus
     )
+    encoder, spec, monitor = inputs.encoder, inputs.image_spec, inputs.monitor
     if num_shards > 1:
         dataset = dataset.map_batches(
             keep_positions, fn_kwargs={"index": shard_index, "count": num_shards},
@@ -131,6 +129,30 @@ def build_dataset(
         batch_format="pandas", batch_size=data.preprocess_batch_size, num_cpus=data.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(size=data.transform_concurrency),
     )
+
+
+@dataclass(frozen=True)
+class PreprocessingInputs:
+    """What reading and preprocessing one split needs: its shard files and the two preprocessors' arguments."""
+
+    paths: list[str]
+    filesystem: Any
+    encoder: Encoder
+    image_spec: ImageSpec
+    monitor: ray.actor.ActorHandle
+
+
+def preprocessing_inputs(split_uri: str, cfg: DuetConfig, processor_dir: str,
+                         num_visual_tokens: int) -> PreprocessingInputs:
+    """The shards of a prepared split and the tokenizer/image settings of a model directory."""
+    manifest = read_manifest(split_uri, cfg.storage)
+    fs, _ = storage.resolve(split_uri, cfg.storage)
+    paths = [storage.resolve(uri, cfg.storage)[1] for uri in shard_uris(split_uri, manifest)]
+    local_dir = local_processor_dir(processor_dir, cfg.storage)
+    encoder = Encoder(load_tokenizer(local_dir), cfg.data.conversation_template, num_visual_tokens,
+                      cfg.model.max_length)
+    return PreprocessingInputs(paths, fs, encoder, load_image_spec(local_dir),
+                               split_monitor(manifest, cfg.data.max_bad_fraction))
 
 
 def split_monitor(manifest: Manifest, max_bad_fraction: float) -> ray.actor.ActorHandle:
@@ -176,15 +198,20 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> dict[str, to
 
 
 class Collate(NumpyBatchCollateFn):
-    """`collate` bound to a pad token id, in the form iter_torch_batches(collate_fn=...) takes."""
+    """`collate` (or, with `pack_to`, `packing.pack` into rows of at most that many tokens) bound to a pad
+    token id, in the form iter_torch_batches(collate_fn=...) takes."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, pack_to: int | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.pack_to = pack_to
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if self.pack_to is not None:
+            return pack(batch, self.pad_token_id, self.pack_to)
         return collate(batch, self.pad_token_id)
 
 
-def make_collate(processor_dir: str, cfg: StorageSection | None = None) -> Collate:
-    """The collate function for a model directory (its tokenizer's pad token id)."""
-    return Collate(int(load_tokenizer(processor_dir, cfg).pad_token_id))
+def make_collate(processor_dir: str, cfg: StorageSection | None = None, pack_to: int | None = None) -> Collate:
+    """The collate function for a model directory (its tokenizer's pad token id); `pack_to` packs
+    (`data.packing`, rows of at most `model.max_length`)."""
+    return Collate(int(load_tokenizer(processor_dir, cfg).pad_token_id), pack_to)

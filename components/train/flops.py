@@ -21,6 +21,7 @@ Kept free of DeepSpeed and Ray imports: the benchmarks and the GPU check use it 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,9 @@ class StepFlops:
         attention = 3 * 4 * self.lm_layers * self.lm_hidden * tokens**2
         return float(matmul + attention)
 
-    def batch(self, attention_mask: torch.Tensor, images: int) -> float:
-        """Model FLOPs of one micro-batch: its samples' real lengths (padding is not useful work) and images."""
-        lengths = attention_mask.sum(dim=1).tolist()
+    def batch(self, lengths: Sequence[int], images: int) -> float:
+        """Model FLOPs of one micro-batch: its samples' real lengths (padding is not useful work, and a packed
+        sample attends only to itself) and images."""
         return images * self.per_image() + sum(self.per_sample(int(n)) for n in lengths)
 
 

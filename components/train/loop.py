@@ -20,6 +20,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -36,9 +37,11 @@ import torch.nn.functional as F
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from ray.train import CheckpointUploadMode
 
 from components.config import StageSection, config_from_dict
 from components.data.dataset import make_collate
+from components.data.packing import row_layout, sample_lengths
 from components.errors import DuetError
 from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
@@ -87,26 +90,47 @@ def build_optimizer(model: torch.nn.Module, stage_cfg: StageSection, offload: bo
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over samples of each sample's mean next-token loss; also the label-token count."""
+def sample_losses(
+    logits: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's mean next-token loss and its label-token count.
+
+    Padded rows hold one sample each; packed rows (`sample_index`, see `components.data.packing`) several,
+    and each predicted token is booked to the sample it belongs to, so both give the same losses.
+    """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
     token_loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.clamp_min(0).reshape(-1), reduction="none"
     ).view_as(shift_labels)
-    counts = mask.sum(dim=1)
-    sample_loss = (token_loss * mask).sum(dim=1) / counts.clamp_min(1)
-    return sample_loss[counts > 0].mean() if bool((counts > 0).any()) else sample_loss.sum() * 0.0, mask.sum()
+    if sample_index is None:
+        sums, counts = (token_loss * mask).sum(dim=1), mask.sum(dim=1)
+    else:
+        owner = sample_index[:, 1:].clamp_min(0).reshape(-1)  # padding has no labels: its share is zero
+        samples = int(sample_index.max()) + 1
+        sums = token_loss.new_zeros(samples).index_add(0, owner, (token_loss * mask).reshape(-1))
+        counts = mask.new_zeros(samples, dtype=torch.long).index_add(0, owner, mask.reshape(-1).long())
+    return sums / counts.clamp_min(1), counts
+
+
+def per_sample_loss(
+    logits: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over samples (those with labels) of each sample's mean next-token loss; also the label-token count."""
+    losses, counts = sample_losses(logits, labels, sample_index)
+    has_labels = counts > 0
+    loss = losses[has_labels].mean() if bool(has_labels.any()) else losses.sum() * 0.0
+    return loss, counts.sum()
 
 
 def _forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = batch["pixel_values"]
     out = engine(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        input_ids=batch["input_ids"], **row_layout(batch),
         pixel_values=pixels if pixels.shape[0] else None,  # a batch of text-only samples has no images
     )
-    return per_sample_loss(out.logits, batch["labels"])
+    return per_sample_loss(out.logits, batch["labels"], batch.get("sample_index"))
 
 
 def _all_mean(values: list[float], device: torch.device) -> list[float]:
@@ -117,14 +141,27 @@ def _all_mean(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _save_checkpoint(engine: Any, step: int, metrics: dict[str, float], rank: int, world: int) -> None:
+def _save_checkpoint(engine: Any, step: int, metrics: dict[str, float], rank: int, world: int, upload: str) -> None:
     """DeepSpeed state (trainable weights only) + progress + this rank's manifest of what it wrote, reported
-    through Ray Train on every rank."""
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
-        Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step}))
-        write_manifest(Path(tmp), rank, world, step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    through Ray Train on every rank.
+
+    `upload` is `scaling.checkpoint_upload`: with "async" Ray Train copies the folder to storage in the
+    background and deletes it afterwards; with "sync" the report returns once it is stored.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="duet-checkpoint-"))
+    try:
+        engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+        Path(folder, PROGRESS_FILE).write_text(json.dumps({"step": step}))
+        write_manifest(folder, rank, world, step)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        if upload == "async":
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            return  # the folder is Ray Train's now: removed once uploaded
+        ray.train.report(metrics, checkpoint=checkpoint)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- safe resume
@@ -284,7 +321,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     step = _restore(engine, settings.metrics_sink, rank)
     if step and rank == 0 and settings.metrics_sink is not None:  # the driver says so, also with no step left
         settings.metrics_sink.resumed.remote(step)
-    collate = make_collate(settings.processor_dir, cfg.storage)
+    collate = make_collate(settings.processor_dir, cfg.storage, cfg.model.max_length if cfg.data.packing else None)
     val_name = f"{settings.val_dataset}_{rank}" if settings.val_dataset else None
     eval_every = stage_cfg.eval_every or stage_cfg.checkpoint_every
     # Validated before the first step too, so every report carries a val_loss (schedulers such as ASHA need it).
@@ -297,7 +334,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     time_collectives(clock, deepspeed.comm.comm.cdb)
     started = window_start = time.perf_counter()
     done_at_start = step
-    window_loss, window_tokens, window_samples, window_flops = 0.0, 0, 0, 0.0
+    window_loss, window_tokens, window_computed, window_samples, window_flops = 0.0, 0, 0, 0, 0.0
     while step < steps:
         skip = (step % steps_per_epoch) * plan.accumulation  # micro-batches of this epoch already consumed
         batches = _batches(f"{settings.train_dataset}_{rank}", plan, collate)
@@ -309,15 +346,18 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
             with clock.phase("optimizer"):
                 engine.step()
                 window_loss += loss.item() / plan.accumulation
-            window_tokens += int(batch["attention_mask"].sum())
-            window_samples += batch["input_ids"].shape[0]
-            window_flops += flops.batch(batch["attention_mask"], batch["pixel_values"].shape[0])
+            lengths = sample_lengths(batch)
+            window_tokens += sum(lengths)
+            window_computed += batch["input_ids"].numel()  # rows x row length: padding included
+            window_samples += len(lengths)
+            window_flops += flops.batch(lengths, batch["pixel_values"].shape[0])
             if (index + 1) % plan.accumulation:
                 continue
             step += 1
             with clock.phase("report"):
-                loss_mean, tokens_total, samples_total, flops_total = _all_mean(
-                    [window_loss, float(window_tokens), float(window_samples), window_flops], engine.device
+                loss_mean, tokens_total, computed_total, samples_total, flops_total = _all_mean(
+                    [window_loss, float(window_tokens), float(window_computed), float(window_samples), window_flops],
+                    engine.device,
                 )
             now = time.perf_counter()
             elapsed = now - window_start  # since the previous step ended: its reporting included
@@ -328,6 +368,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
                 **_group_rates(optimizer),
                 "tokens_per_s": tokens_total * world / max(elapsed, 1e-9),
                 "samples_per_s": samples_total * world / max(elapsed, 1e-9),
+                "padding_efficiency": tokens_total / max(computed_total, 1.0),
                 "step_time_s": elapsed,
                 "eta_s": (steps - step) / max(rate, 1e-9),
                 "model_tflops_per_s": model_tflops_per_s(flops_total * world, elapsed, world),
@@ -345,14 +386,15 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
                 if rank == 0 and settings.metrics_sink is not None:
                     settings.metrics_sink.push.remote(settings.stage, metrics)
                 if step % stage_cfg.checkpoint_every == 0 or step == steps:
-                    _save_checkpoint(engine, step, metrics, rank, world)
+                    _save_checkpoint(engine, step, metrics, rank, world, cfg.scaling.checkpoint_upload)
                 elif metrics.get(VAL_MEASURED):
                     # Ray Train (and Tune's scheduler through it) hears of the steps that change what it
                     # decides on: checkpoints and validations. Each report waits for the controller to
                     # collect the one before (Ray Train V2 polls every 2 s), so one per step would cap
                     # training at a step per 2 s; every step's metrics reach the driver through the sink.
                     ray.train.report(metrics)
-            window_loss, window_tokens, window_samples, window_flops, window_start = 0.0, 0, 0, 0.0, now
+            window_loss, window_tokens, window_computed, window_samples, window_flops = 0.0, 0, 0, 0, 0.0
+            window_start = now
             if step >= steps or step % steps_per_epoch == 0:
                 break  # done, or the epoch's complete global batches are used up
     state = _gather_artifact_state(engine, cfg.deepspeed.zero_stage)

@@ -139,9 +139,17 @@ def tracked_stage(
         storage.delete_file(unsent_metrics_uri(cfg, stage, digest), cfg.storage)
         breakdown = format_breakdown(result.history)
         if breakdown is not None:
-            say(f"{name}: {breakdown}")
+            say(f"{name}: {breakdown}{_padding_note(cfg, result.history)}")
         say(f"{name}: done, artifact {result.artifact_uri}")
         return StepOutcome(run_id, result.artifact_uri, False, _final_metrics(result), data.digest)
+
+
+def _padding_note(cfg: DuetConfig, history: list[dict[str, Any]]) -> str:
+    """'; 93% of computed tokens real (data.packing: false)': how much of the compute padding took."""
+    shares = [row["padding_efficiency"] for row in history if "padding_efficiency" in row]
+    if not shares:
+        return ""
+    return f"; {100 * sum(shares) / len(shares):.0f}% of computed tokens real (data.packing: {str(cfg.data.packing).lower()})"
 
 
 def _keep_unsent(cfg: DuetConfig, stage: int, digest: str, run_id: str, rows: list[dict[str, float]]) -> str:

@@ -40,6 +40,7 @@ BENCHMARKS = (
     Benchmark("vce", "vce.py", ("--preset", "cpu"), ("--quick",)),
     Benchmark("ingest", "ingest.py"),
     Benchmark("train_throughput", "train_throughput.py", (), ("--quick",)),
+    Benchmark("packing", "packing.py", (), ("--quick",)),
     Benchmark("serve", "serve.py", (), ("--quick",)),
 )
 

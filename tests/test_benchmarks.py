@@ -119,6 +119,28 @@ def test_stream_memory_small_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_packing_quick_json(tmp_path: Path) -> None:
+    """packing.py end to end at its smoke size: padding efficiency of every data set, packed never below padded."""
+    out = tmp_path / "packing.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    efficiency = report["padding_efficiency"]
+    assert {"demo stage 1", "demo stage 2", "LLaVA-1.5-like mix, micro-batch 16"} <= set(efficiency)
+    for name, e in efficiency.items():
+        assert 0 < e["padded"] <= e["packed"] <= 1, name
+        assert e["rows_packed"] <= e["rows_padded"], name
+    assert efficiency["LLaVA-1.5-like mix, micro-batch 16"]["packed"] > 0.85, "packing what padding wastes"
+    step = report["step"]
+    assert step["computed_tokens"]["packed"] <= step["computed_tokens"]["padded"]
+    assert step["tokens_per_s"]["packed"] > 0 and step["packed_over_padded_time"] > 0
+    assert "| LLaVA-1.5-like mix, micro-batch 8 " in proc.stdout and "packed/padded time" in proc.stdout
+
+
+@pytest.mark.slow
 def test_serve_quick_json(tmp_path: Path) -> None:
     """serve.py end to end at its smoke size: a real endpoint, every request answered, ratios per case."""
     out = tmp_path / "serve.json"

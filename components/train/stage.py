@@ -152,12 +152,15 @@ def run_stage(
     artifact: str | None = None,
     callbacks: list[Any] | None = None,
     run_id: str | None = None,
+    datasets: dict[str, ray.data.Dataset] | None = None,
 ) -> StageResult:
     """Train one stage to completion (resuming if a run of the same name exists) and write its artifact.
 
     `run_name` and `artifact` override the stable defaults (Tune trials use their own); `callbacks`
     are Ray Train callbacks, e.g. Tune's `TuneReportCallback` when the stage runs inside a trial;
-    `run_id` (the stage's MLflow run) is recorded in the artifact. Everything a worker would refuse
+    `run_id` (the stage's MLflow run) is recorded in the artifact. `datasets` replaces the per-worker
+    streams from the shards (named as `worker_datasets` names them: benchmarks train on preprocessed,
+    materialised ones to time the orchestration alone). Everything a worker would refuse
     (the stage-1 artifact, too few samples for one global batch) is checked here first: a worker's
     error would be retried `scaling.max_failures` times before it reached the user.
     """
@@ -196,7 +199,7 @@ def run_stage(
             # Ray Train's own INFO lines (every report, every checkpoint, worker-group start) stay in its log files.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets=worker_datasets(cfg, data, world),
+        datasets=datasets if datasets is not None else worker_datasets(cfg, data, world),
         # Not split by Ray: every worker reads its own deterministic stream, in order.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

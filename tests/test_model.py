@@ -20,7 +20,7 @@ from components.model.artifact import (
     load_stage_model,
     save_stage_artifact,
 )
-from components.model.llava import VCEProjector, projector_module
+from components.model.llava import VCEProjector, local_checkpoint, projector_module
 from components.model.sizes import build_meta_model, component_sizes
 from components.model.stages import build_model, parameter_groups
 
@@ -173,6 +173,23 @@ def test_artifact_round_trip_in_a_fresh_process(tiny_cfg: DuetConfig, tmp_path: 
     # And in-process, through the same loader.
     with torch.no_grad():
         torch.testing.assert_close(load_stage_model(tiny_cfg, uri)(**batch).logits, expected)
+
+
+def test_a_checkpoint_of_another_family_is_refused_before_loading(tiny_cfg: DuetConfig, tmp_path: Path) -> None:
+    """transformers would load it into LLaVA with a warning and random weights; duet names what it is."""
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "architectures": ["X"]}))
+    cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"checkpoint": str(qwen)})})
+    with pytest.raises(ArtifactError, match=r"is a Qwen2.5-VL checkpoint \(config.json model_type 'qwen2_5_vl'\)"):
+        build_model(cfg, stage=1)
+    with pytest.raises(ArtifactError, match=r"model_type 'mystery'"):
+        (qwen / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+        local_checkpoint(str(qwen))
+    (qwen / "config.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="config.json does not parse"):
+        local_checkpoint(str(qwen))
+    assert local_checkpoint(tiny_cfg.model.checkpoint) == tiny_cfg.model.checkpoint
 
 
 def test_stage2_refuses_an_artifact_with_another_vce(tiny_cfg: DuetConfig, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ transformers' code.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def local_checkpoint(uri: str, storage_cfg: StorageSection | None = None) -> str
                 f"model.checkpoint {uri!r} has no config.json: point it at a LlavaForConditionalGeneration "
                 "checkpoint directory (save_pretrained layout)"
             )
+        check_llava_checkpoint(uri, Path(path))
         return path
     try:
         local = storage.local_copy(uri, storage_cfg, kind="checkpoints")
@@ -103,7 +105,35 @@ def local_checkpoint(uri: str, storage_cfg: StorageSection | None = None) -> str
         raise ArtifactError(f"model.checkpoint {uri!r}: nothing is stored there (check the URI)") from None
     if not (local / "config.json").is_file():
         raise ArtifactError(f"model.checkpoint {uri!r} has no config.json: it is not a save_pretrained checkpoint")
+    check_llava_checkpoint(uri, local)
     return str(local)
+
+
+# Families a checkpoint's config.json can name that duet does not train yet: what they are, for the message.
+OTHER_FAMILIES = {
+    "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision", "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "idefics3": "Idefics3", "paligemma": "PaliGemma",
+}
+
+
+def check_llava_checkpoint(uri: str, folder: Path) -> None:
+    """Refuse a checkpoint of another architecture before it is loaded.
+
+    transformers loads e.g. a Qwen2.5-VL checkpoint into LlavaForConditionalGeneration with only a
+    warning, leaving every weight whose name differs at random values: a run would train on noise.
+    """
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"model.checkpoint {uri!r}: config.json does not parse ({exc})") from None
+    if model_type == "llava":
+        return
+    what = OTHER_FAMILIES.get(str(model_type), f"model_type {model_type!r}")
+    raise ArtifactError(
+        f"model.checkpoint {uri!r} is a {what} checkpoint (config.json model_type {model_type!r}); duet trains "
+        "LLaVA-1.5-style checkpoints (LlavaForConditionalGeneration, model_type 'llava') only: convert it, or "
+        "point model.checkpoint at a llava-hf checkpoint"
+    )
 
 
 def load_base_model(cfg: DuetConfig, dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:

@@ -119,8 +119,9 @@ OTHER_FAMILIES = {
 def check_llava_checkpoint(uri: str, folder: Path) -> None:
     """Refuse a checkpoint of another architecture before it is loaded.
 
-    transformers loads e.g. a Qwen2.5-VL checkpoint into LlavaForConditionalGeneration with only a
-    warning, leaving every weight whose name differs at random values: a run would train on noise.
+    Given another family's checkpoint, LlavaForConditionalGeneration.from_pretrained warns, then fails
+    on an attribute the other config lacks (a Qwen2.5-VL one: "no attribute 'tie_word_embeddings'") or,
+    where the configs look alike, loads it with every weight whose name differs left at random values.
     """
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")

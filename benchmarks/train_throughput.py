@@ -1,6 +1,6 @@
 """Stage-2 training throughput: the Ray Data -> Ray Train -> DeepSpeed path against a bare PyTorch loop, twice.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 24] [--workers 2] [--json PATH] [--quick]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 24] [--workers 2] [--set KEY=VALUE] [--json PATH]
 
 Same tiny LLaVA (Dual-LoRA + VCE), same records, same global batch, same machine, four paths:
 
@@ -69,7 +69,7 @@ def bench_config(work: Path, args: argparse.Namespace) -> DuetConfig:
         "data.records_per_shard=200", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "data.val_fraction=0",
         "data.test_fraction=0.02", f"scaling.num_workers={args.workers}", f"stage2.global_batch={args.global_batch}",
         f"stage2.micro_batch={args.micro_batch}", f"stage2.max_steps={args.steps}",
-        f"stage2.checkpoint_every={args.steps}",
+        f"stage2.checkpoint_every={args.steps}", *args.set,
     ])
 
 
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1200)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every path, e.g. deepspeed.zero_stage=0 or data.packing=true")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke-test size")
     args = parser.parse_args()

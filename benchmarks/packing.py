@@ -38,7 +38,7 @@ from components.data.dataset import build_dataset, make_collate
 from components.data.packing import plan_rows
 from components.model.stages import build_model
 from components.quiet import quiet_driver
-from components.train.loop import _forward_loss
+from components.train.loop import forward_loss
 from components.workflow.startup import ensure_base_model, ensure_dataset, stage_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def step_cases(cfg: DuetConfig, stage: int, batches: list[dict], processor_dir: 
     def run(layout: list[dict[str, torch.Tensor]]):
         def step() -> None:
             for batch in layout:
-                loss, _ = _forward_loss(model, batch)
+                loss, _ = forward_loss(model, batch)
                 loss.backward()
             model.zero_grad(set_to_none=True)
         return step

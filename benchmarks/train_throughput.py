@@ -47,13 +47,13 @@ from benchmarks.common import format_table, machine, write_json
 from components.cluster import init_ray
 from components.config import DuetConfig, config_from_dict, load_config
 from components.data.dataset import build_dataset, make_collate, preprocessing_inputs
-from components.data.packing import row_layout, sample_lengths
+from components.data.packing import sample_lengths
 from components.data.preprocessors import ImagePreprocessor, TextPreprocessor
 from components.model.artifact import save_stage_artifact
 from components.model.stages import build_model, parameter_groups
 from components.quiet import quiet_driver
 from components.train.flops import StepFlops, model_tflops_per_s
-from components.train.loop import per_sample_loss
+from components.train.loop import forward_loss
 from components.train.stage import StageData, run_stage, worker_datasets
 from components.train.step_time import PHASE_LABELS, PHASES, StepClock, mean_breakdown
 from components.workflow.startup import ensure_base_model, ensure_dataset, stage_data
@@ -147,8 +147,7 @@ def bare_rates(cfg: DuetConfig, stage1: str, micro_batch: MicroBatch, steps: int
             with clock.phase("data_wait"):
                 batch = micro_batch(index)
             with clock.phase("forward"):
-                out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], **row_layout(batch))
-                loss = per_sample_loss(out.logits, batch["labels"], batch.get("sample_index"))[0] / accumulation
+                loss = forward_loss(model, batch)[0] / accumulation
             with clock.phase("backward"):
                 loss.backward()
             lengths = sample_lengths(batch)

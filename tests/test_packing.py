@@ -13,7 +13,7 @@ from components.data.conversation import IGNORE_INDEX
 from components.data.dataset import collate
 from components.data.packing import pack, padding_efficiency, plan_rows, row_layout, sample_lengths
 from components.model.stages import build_model
-from components.train.loop import _forward_loss, sample_losses
+from components.train.loop import forward_loss, sample_losses
 
 REPO = Path(__file__).resolve().parents[1]
 PAD = 0
@@ -107,7 +107,7 @@ def _multimodal_rows(model: torch.nn.Module, text_lengths: list[int], images: li
 
 def _losses_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     model.zero_grad(set_to_none=True)
-    loss, _ = _forward_loss(model, batch)
+    loss, _ = forward_loss(model, batch)
     loss.backward()
     out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], **row_layout(batch))
     per_sample, _ = sample_losses(out.logits, batch["labels"], batch.get("sample_index"))

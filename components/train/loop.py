@@ -124,7 +124,9 @@ def per_sample_loss(
     return loss, counts.sum()
 
 
-def _forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one micro-batch, padded or packed (`per_sample_loss`), and its label-token count;
+    `engine` is a DeepSpeed engine or the plain model."""
     pixels = batch["pixel_values"]
     out = engine(
         input_ids=batch["input_ids"], **row_layout(batch),
@@ -268,7 +270,7 @@ def _validation_loss(engine: Any, dataset_name: str, plan: BatchPlan, collate: A
         for i, batch in enumerate(_batches(dataset_name, plan, collate)):
             if i >= max_batches:
                 break
-            losses.append(_forward_loss(engine, _to_device(batch, engine.device))[0].item())
+            losses.append(forward_loss(engine, _to_device(batch, engine.device))[0].item())
     engine.train()
     total, count = _all_mean([sum(losses), float(len(losses))], engine.device)
     return total / max(count, 1.0)
@@ -340,7 +342,7 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
         batches = _batches(f"{settings.train_dataset}_{rank}", plan, collate)
         for index, batch in _timed_batches(batches, skip, engine.device, clock):
             with clock.phase("forward"):
-                loss, _ = _forward_loss(engine, batch)
+                loss, _ = forward_loss(engine, batch)
             with clock.phase("backward"):
                 engine.backward(loss)
             with clock.phase("optimizer"):

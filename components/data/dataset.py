@@ -111,7 +111,6 @@ def build_dataset(
     dataset = ray.data.read_webdataset(
         inputs.paths, filesystem=inputs.filesystem, decoder=None, shuffle=shuffle, num_cpus=data.preprocess_num_cpus
     )
-    encoder, spec, monitor = inputs.encoder, inputs.image_spec, inputs.monitor
     if num_shards > 1:
         dataset = dataset.map_batches(
             keep_positions, fn_kwargs={"index": shard_index, "count": num_shards},
@@ -119,13 +118,17 @@ def build_dataset(
         )
     dataset = dataset.map_batches(
         TextPreprocessor,
-        fn_constructor_kwargs={"encoder": encoder, "caption_template": data.caption_template, "monitor": monitor},
+        fn_constructor_kwargs={
+            "encoder": inputs.encoder, "caption_template": data.caption_template, "monitor": inputs.monitor,
+        },
         batch_format="pandas", batch_size=TEXT_BATCH_SIZE, num_cpus=data.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.transform_concurrency),
     )
     return dataset.map_batches(
         ImagePreprocessor,
-        fn_constructor_kwargs={"spec": spec, "max_pixels": data.max_image_pixels, "monitor": monitor},
+        fn_constructor_kwargs={
+            "spec": inputs.image_spec, "max_pixels": data.max_image_pixels, "monitor": inputs.monitor,
+        },
         batch_format="pandas", batch_size=data.preprocess_batch_size, num_cpus=data.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(size=data.transform_concurrency),
     )

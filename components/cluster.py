@@ -52,6 +52,7 @@ def init_ray(cfg: DuetConfig) -> str:
         keep_ray_data_bookkeeping_on_this_node()
         return f"Ray: joined the cluster at {address} ({_describe(ray.cluster_resources())})"
     loopback_only()
+    token_auth_on()
     # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner polls
     # (without it, it warns every few seconds); it listens on 127.0.0.1 only.
     ray.init(address="local", num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=True,
@@ -90,6 +91,24 @@ def keep_ray_data_bookkeeping_on_this_node() -> None:
     except (ImportError, AttributeError) as exc:
         log.warning("could not place Ray Data's bookkeeping actors on the driver's node (%s); an autoscaler "
                     "may keep the node that ran the first dataset up after the run", exc)
+
+
+def token_auth_on() -> None:
+    """Start the local instance with Ray's token authentication on, chosen here rather than by default.
+
+    Ray 2.60 turns token auth on for a new local cluster when RAY_AUTH_MODE is unset, and then warns
+    that it did; set explicitly (for this process and the ones Ray starts) it is the same cluster, with
+    a token generated on first use, and no warning. A RAY_AUTH_MODE the user set is left alone. Ray
+    caches its config at import, so the private helper that sets the variable also refreshes it; if that
+    helper moves, Ray's own default (and its warning) applies.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        return
+    _enable_token_auth()
 
 
 def loopback_only() -> None:

@@ -8,13 +8,14 @@ library still show. Each switch below says what it silences and why that is nois
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 
 import ray
 import torch
@@ -22,8 +23,8 @@ from ray.train.v2._internal.execution import context as ray_train_context
 from ray.util.debug import log_once
 from transformers.utils import logging as hf_logging
 
-# DeepSpeed prints this each time it loads a compiled op (its CPU collectives on every rank, every stage);
-# Ray Train turns a worker's prints into records of the root logger.
+# DeepSpeed prints this each time it loads a compiled op (its CPU collectives on every rank, every stage),
+# a bare print to standard output, or a record of the root logger where Ray Train patches print.
 _BUILD_NOTICE = re.compile(r"^DeepSpeed \S+ built successfully$")
 
 
@@ -90,6 +91,21 @@ def quiet_training_worker(use_gpu: bool) -> None:
     logging.getLogger().addFilter(lambda record: not _BUILD_NOTICE.match(record.getMessage()))
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+
+
+@contextmanager
+def quiet_op_builds() -> Iterator[None]:
+    """Around `deepspeed.initialize`: its "DeepSpeed <op> built successfully" prints go, anything else it
+    prints is printed as it was (after the call, also when it fails). Ray Train's print patch, where on, tees into the
+    redirect and logs a record the root-logger filter of quiet_training_worker drops."""
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:  # also when the call fails: what it printed on the way may say why
+        for line in printed.getvalue().splitlines():
+            if not _BUILD_NOTICE.match(line):
+                print(line)
 
 
 @contextmanager

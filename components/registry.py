@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import mlflow
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
 from components.config import RegistrySection
 from components.errors import DuetError
@@ -107,26 +107,35 @@ class Registry:
         tags.update({k: run.data.tags[k] for k in LINEAGE_TAGS if k in run.data.tags})
         tags.update({f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in values.items()})
         safe = {k: redact(str(v)) for k, v in tags.items() if not is_secret_name(k)}
-        with self.tracker.as_default():
-            try:
-                return mlflow.register_model(self._model_source(run, artifact_path), name, tags=safe)
-            except MlflowException as exc:
-                raise RegistryError(
-                    f"cannot register runs:/{run_id}/{artifact_path} as {name!r}: {redact(exc.message)}"
-                ) from None
+        # The client calls mlflow.register_model makes, without its two lines on stderr: the caller
+        # says what was registered in its own words. The store resolves a models:/ID source through the
+        # process's tracking URI, hence as_default.
+        source, model_id = self._model_source(run, artifact_path)
+        try:
+            with self.tracker.as_default():
+                try:
+                    self.client.create_registered_model(name)
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                return self.client.create_model_version(name, source, run_id=run_id, tags=safe, model_id=model_id)
+        except MlflowException as exc:
+            raise RegistryError(
+                f"cannot register runs:/{run_id}/{artifact_path} as {name!r}: {redact(exc.message)}"
+            ) from None
 
-    def _model_source(self, run: Run, artifact_path: str) -> str:
-        """``models:/ID`` of the newest model logged by the run under `artifact_path` (MLflow 3 keeps a
-        model's files in its logged-model record, and registering ``runs:/`` would warn and look it up),
-        else ``runs:/RUN/PATH`` for a model logged among the run's artifacts."""
+    def _model_source(self, run: Run, artifact_path: str) -> tuple[str, str | None]:
+        """``models:/ID`` and the ID of the newest model logged by the run under `artifact_path` (MLflow 3
+        keeps a model's files in its logged-model record), else the artifact location of a model logged
+        among the run's artifacts (``runs:/RUN/PATH``) and no ID."""
         found = self.client.search_logged_models(
             [run.info.experiment_id],
             filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{artifact_path}'",
             order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1,
         )
         if found:
-            return f"models:/{found[0].model_id}"
-        return f"runs:/{run.info.run_id}/{artifact_path}"
+            return f"models:/{found[0].model_id}", found[0].model_id
+        return RunsArtifactRepository.get_underlying_uri(f"runs:/{run.info.run_id}/{artifact_path}"), None
 
     # ------------------------------------------------------------ promotion
 

@@ -164,3 +164,18 @@ def test_promote_cli_end_to_end(setup: Setup, mlflow_server: MlflowServer) -> No
 
     missing = _cli(mlflow_server, "--model", name, "--version", "42")
     assert missing.returncode == 2 and f"model {name!r} has no version 42" in missing.stderr
+
+
+def test_registering_in_a_local_sqlite_store_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The demo's store: a models:/ID source is resolved there through the tracking URI; MLflow's own
+    "Successfully registered model" / "Created version" lines are not printed (duet says it once)."""
+    tracker = Tracker(TrackingSection(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="local"), str(tmp_path))
+    with tracker.parent_run("local") as parent, tracker.child_run("stage", "stage2", parent) as stage2:
+        tracker.log_metrics(stage2, {"score": 10.0})
+        tracker.log_pyfunc(stage2, "model", _UpperModel(), pip_requirements=["mlflow"])
+    capfd.readouterr()
+    reg = Registry(tracker, RegistrySection(model_name="local-model"))
+    first, second = reg.register(stage2), reg.register(stage2)
+    assert (str(first.version), str(second.version)) == ("1", "2") and first.source.startswith("models:/m-")
+    printed = capfd.readouterr()
+    assert "registered" not in printed.err + printed.out and "Created version" not in printed.err, printed

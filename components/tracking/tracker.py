@@ -452,7 +452,8 @@ class Tracker:
         )
         with self.as_default(), warnings.catch_warnings():
             # The signature is given; an input example would run the model at logging time, so none is.
-            warnings.filterwarnings("ignore", message="An input example was not provided", category=UserWarning)
+            # MLflow wraps the message in terminal colour codes, so it is matched anywhere in the text.
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
             Model.log(
                 artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
                 python_model=python_model,

@@ -46,6 +46,7 @@ from components.errors import DuetError
 from components.model.artifact import artifact_parameters, artifact_state_dict, save_stage_artifact
 from components.model.stages import build_model, parameter_groups
 from components.model.vce_sampling import use_fused_kernel
+from components.quiet import quiet_op_builds
 from components.train.checkpoint_files import (
     PROGRESS_FILE,
     intact_checkpoint,
@@ -315,10 +316,11 @@ def train_loop_per_worker(raw: dict[str, Any]) -> None:
     offload = cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage >= 1
     optimizer = build_optimizer(model, stage_cfg, offload)
     scheduler = cosine_with_warmup(optimizer, steps, stage_cfg.warmup_ratio)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg.deepspeed, plan, precision),
-    )
+    with quiet_op_builds():
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=build_deepspeed_config(cfg.deepspeed, plan, precision),
+        )
     use_fused_kernel(engine.module, engine.device)  # vce.sampler: deformable_detr on CUDA; warns if it cannot
     step = _restore(engine, settings.metrics_sink, rank)
     if step and rank == 0 and settings.metrics_sink is not None:  # the driver says so, also with no step left

@@ -1,7 +1,7 @@
 """Where everything duet writes lives: one function per kind of path, all derived from the config.
 
     {data.root}/{data.name}/{split}/            dataset splits: shards + manifest.json
-    {storage}/{run.name}-{stage}/                Ray Train's run folder: checkpoints
+    {storage}/{run.name}-{stage}-{step hash}/    Ray Train's run folder: checkpoints of one config
     {storage}/{run.name}/{stage}/artifact/       the stage artifact (components/model/artifact.py)
     {storage}/{run.name}/{stage}/unsent-metrics-{step hash}.json
                                                  a stage's metrics while the tracking store was away
@@ -43,9 +43,12 @@ def storage_root(cfg: DuetConfig) -> str:
     return cfg.scaling.storage_path or os.path.join(os.path.abspath(cfg.run.work_dir), "runs")
 
 
-def trainer_run_name(cfg: DuetConfig, stage: int) -> str:
-    """Ray Train's run name for a stage: stable per run name, so a re-run resumes from its latest checkpoint."""
-    return f"{cfg.run.name}-{cfg.stage(stage).name}"
+def trainer_run_name(cfg: DuetConfig, stage: int, step_hash: str | None = None) -> str:
+    """Ray Train's run name for a stage: stable per run name and step hash, so a re-run of the same config
+    resumes from its latest checkpoint and a run of a changed config (another base, learning rate, stage-1
+    artifact, ...) starts from step 0 in a folder of its own instead of resuming the old weights."""
+    name = f"{cfg.run.name}-{cfg.stage(stage).name}"
+    return f"{name}-{step_hash[:8]}" if step_hash else name
 
 
 def artifact_uri(cfg: DuetConfig, stage: int) -> str:

@@ -41,7 +41,7 @@ _NOT_A_USER = ("PYTEST_CURRENT_TEST", "PYTEST_VERSION", "CI", "GITHUB_ACTIONS", 
 # Small sizes for every run of this module; the job runs the demo config itself otherwise.
 TINY = [
     "data.num_records=160", "data.caption_records=80", "data.records_per_shard=40",
-    "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0",
+    "data.val_fraction=0.1", "data.test_fraction=0.1", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0",
     "stage1.global_batch=8", "stage1.micro_batch=2", "stage1.max_steps=3", "stage1.checkpoint_every=3",
     "stage2.global_batch=8", "stage2.micro_batch=2", "stage2.max_steps=3", "stage2.checkpoint_every=3",
     "stage2.eval_batches=1", "adapter.r=8", "adapter.alpha=16",
@@ -189,7 +189,8 @@ def test_a_stage_the_cluster_can_never_hold_is_refused_naming_the_resources(ray_
     assert re.search(r"\[duet\] error: stage 1 needs [\d.]+ CPU at once \(8 training workers x 0\.\d+ CPU", output)
     assert "but the Ray cluster has" in output and "ray start --head --num-cpus" in output
     assert "Traceback" not in output
-    assert not (ray_head.home / ".duet" / "runs" / "too-big").exists(), "nothing was trained"
+    runs = ray_head.home / ".duet" / "runs"
+    assert not list(runs.glob("too-big*")), "nothing was trained: no artifact folder, no Ray Train run folder"
 
 
 # ---------------------------------------------------------------- local runs beside the cluster
@@ -270,3 +271,25 @@ def test_a_missing_image_in_a_llava_input_ends_in_one_line(tmp_path: Path) -> No
     assert done.returncode == 1, done.stderr[-3000:]
     assert re.search(r"\[duet\] error: .*record 'a'.*nowhere\.png", done.stderr), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_changed_config_under_the_same_run_name_trains_afresh(stage1_local: LocalRun) -> None:
+    """Checkpoints and artifacts are found by run name; what a re-run resumes or reuses must also be of its
+    own config. Last in the module: it rewrites the run's stage-1 artifact."""
+    first = json.loads((stage1_local.artifact / "artifact.json").read_text())["run_id"]
+    common = [*TINY, f"run.work_dir={stage1_local.work}", "scaling.num_workers=1"]
+    changed = run_script("pretrain.py", "--config", DEMO, *sets(*common, "stage1.lr=3e-3"))
+    output = changed.stdout + changed.stderr
+    assert changed.returncode == 0, output[-5000:]
+    assert "stage1: training" in output and "resumed from checkpoint" not in output, output[-3000:]
+    second = json.loads((stage1_local.artifact / "artifact.json").read_text())["run_id"]
+    assert second != first
+    folders = sorted(p.name for p in (stage1_local.work / "runs").glob("demo-stage1-*"))
+    assert len(folders) == 2, folders  # one Ray Train folder per config
+
+    again = run_script("pretrain.py", "--config", DEMO, *sets(*common))  # the first config once more
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-5000:]
+    assert f"run {first} trained this config, but" in output and "resumed from checkpoint" in output, output[-3000:]
+    third = json.loads((stage1_local.artifact / "artifact.json").read_text())["run_id"]
+    assert third not in (first, second), "the artifact is rewritten by a run of the first config"

@@ -13,6 +13,7 @@ damaged one, naming the file. Artifacts written before `run_id` and `files` exis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -137,6 +138,13 @@ def save_stage_artifact(
         storage.write_text(storage.join(uri, ARTIFACT_META), json.dumps(meta.__dict__, indent=2, sort_keys=True),
                            cfg.storage)
     return uri
+
+
+def artifact_identity(uri: str, storage_cfg: StorageSection | None = None) -> str:
+    """What tells one written artifact from another at the same URI: the digest of its artifact.json, which
+    holds the run that wrote it and every file's sha256. Steps that build on an artifact hash this, never
+    its path, which a retrained stage writes to again."""
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, ARTIFACT_META), storage_cfg)).hexdigest()[:16]
 
 
 def read_artifact_meta(uri: str, storage_cfg: StorageSection | None = None) -> ArtifactMeta:

@@ -22,6 +22,7 @@ from ray import tune
 
 from components.config import DuetConfig, config_from_dict
 from components.data.prepare import SplitResult
+from components.model.artifact import artifact_identity
 from components.model.sizes import build_meta_model, component_sizes
 from components.quiet import PEFT_DEPRECATION, quiet_driver
 from components.study.results import Trial
@@ -65,7 +66,7 @@ class TrialPlan:
 def trial_hash(cfg: DuetConfig, data: StageData, stage1_artifact: str, test: SplitResult) -> str:
     """What decides a trial's result: its stage 2 (same inputs as the pipeline's stage-2 step hash), the
     evaluation settings and the held-out split."""
-    stage2 = step_hash(cfg, "stage2", data=data.digest, stage1=stage1_artifact)
+    stage2 = step_hash(cfg, "stage2", data=data.digest, stage1=artifact_identity(stage1_artifact, cfg.storage))
     return step_hash(cfg, TRIAL_STEP, stage2=stage2, eval=cfg.eval.model_dump(mode="json"),
                      test=test.manifest.digest)
 

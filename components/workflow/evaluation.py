@@ -18,6 +18,7 @@ from components.evaluate.score import EvalResult
 from components.layout import (
     evaluation_table_path,
 )
+from components.model.artifact import artifact_identity
 from components.tracking.tags import (
     TAG_BLIND,
     TAG_EVALUATED_MODEL,
@@ -44,7 +45,8 @@ def tracked_evaluation(
     A reused evaluation gives back its metrics, counts and (when the local copy is still there) its
     per-sample table; `blind` blanks every image (the blind baseline).
     """
-    digest = step_hash(cfg, "evaluate", model=model_uri, data=test.manifest.digest, blind=blind)
+    digest = step_hash(cfg, "evaluate", model=artifact_identity(model_uri, cfg.storage), data=test.manifest.digest,
+                       blind=blind)
     table_path = evaluation_table_path(cfg, name, digest)
     done = tracker.find_run({TAG_STEP: f"evaluate-{name}", TAG_STEP_HASH: digest})
     if done is not None:

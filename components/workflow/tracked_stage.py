@@ -18,10 +18,11 @@ from components.errors import ArtifactError
 from components.layout import (
     artifact_uri,
     storage_root,
+    trainer_run_name,
     unsent_metrics_uri,
 )
 from components.locks import run_lock
-from components.model.artifact import check_compatible
+from components.model.artifact import artifact_identity, check_compatible, read_artifact_meta
 from components.quiet import quiet_driver
 from components.tracking.buffer import MetricsBuffer
 from components.tracking.tags import (
@@ -75,14 +76,20 @@ def tracked_stage(
 ) -> StepOutcome:
     """Run (or re-use) one stage as a child run: config params, dataset input, live metrics, curves, lineage."""
     name = f"stage{stage}"
-    digest = step_hash(cfg, name, data=data.digest, stage1=stage1.artifact_uri if stage1 else None)
+    stage1_identity = artifact_identity(stage1.artifact_uri, cfg.storage) if stage1 else None
+    digest = step_hash(cfg, name, data=data.digest, stage1=stage1_identity)
     if reuse:
         done = tracker.find_run({TAG_STEP: name, TAG_STEP_HASH: digest})
         if done is not None:
             uri = done.data.tags.get(TAG_ARTIFACT, "")
             if uri and storage.exists(storage.join(uri, "artifact.json"), cfg.storage):
-                say(f"{name}: reused run {done.info.run_id} ({uri})")
-                return StepOutcome(done.info.run_id, uri, True, dict(done.data.metrics), data.digest)
+                # The artifact folder is per run name: a run of another config may have written it since.
+                holder = read_artifact_meta(uri, cfg.storage).run_id
+                if holder in (None, done.info.run_id):
+                    say(f"{name}: reused run {done.info.run_id} ({uri})")
+                    return StepOutcome(done.info.run_id, uri, True, dict(done.data.metrics), data.digest)
+                say(f"{name}: run {done.info.run_id} trained this config, but {uri} now holds run {holder}'s "
+                    "artifact (another config); training it again (from its last checkpoint)")
     retries_before = storage.retry_count()
     with tracker.child_run("stage", name, parent_run_id, tags={TAG_STEP_HASH: digest}) as run_id:
         tracker.log_config(run_id, cfg)
@@ -110,7 +117,7 @@ def tracked_stage(
         try:
             result = run_stage(
                 cfg, stage, data, stage1_artifact=stage1.artifact_uri if stage1 else None,
-                on_metrics=on_metrics, run_id=run_id,
+                on_metrics=on_metrics, run_id=run_id, run_name=trainer_run_name(cfg, stage, digest),
             )
         except BaseException:
             progress.close()

@@ -25,7 +25,7 @@ def pretrain_command(work: Path) -> list[str]:
         *[f"--set={o}" for o in (
             f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
             f"scaling.storage_path={work}/runs", "data.num_records=80", "data.caption_records=64",
-            "data.records_per_shard=32", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0",
+            "data.records_per_shard=32", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0",
             "stage1.global_batch=8", "stage1.micro_batch=4", f"stage1.max_steps={STEPS}", "stage1.checkpoint_every=2",
             "stage1.log_every=1",  # the tests read every step's progress line
             "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "data.preprocess_num_cpus=0.25",
@@ -33,12 +33,19 @@ def pretrain_command(work: Path) -> list[str]:
     ]
 
 
+def trainer_folder(runs: Path, trainer_run: str = "demo-stage1") -> Path | None:
+    """Ray Train's folder of the stage: `{run name}-{stage}-{step hash}` (the newest, if a test changed the
+    config between runs); None before the stage started."""
+    folders = sorted(runs.glob(f"{trainer_run}-*"), key=lambda p: p.stat().st_mtime)
+    return folders[-1] if folders else None
+
+
 def _registered(runs: Path, trainer_run: str) -> list[dict]:
     """Checkpoints Ray Train has registered and keeps (its snapshot is written once a checkpoint is stored)."""
-    snapshot = runs / trainer_run / "checkpoint_manager_snapshot.json"
+    folder = trainer_folder(runs, trainer_run)
     try:
-        return list(json.loads(snapshot.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
+        return list(json.loads((folder / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 

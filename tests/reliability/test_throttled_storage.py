@@ -84,7 +84,7 @@ def _config(work: Path, proxy: ThrottlingProxy, bucket: str, retries: int = 8) -
         f"scaling.storage_path={bucket}/runs", f"storage.endpoint_url={proxy.url}", "storage.region=us-east-1",
         f"storage.retries={retries}", "storage.connect_timeout_s=2", "storage.request_timeout_s=10",
         "data.num_records=60", "data.caption_records=40", "data.records_per_shard=10",
-        "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "scaling.num_workers=1",
+        "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0", "scaling.num_workers=1",
         "scaling.cpus_per_worker=0.5", "data.preprocess_num_cpus=0.25",
         "stage1.global_batch=4", "stage1.micro_batch=2", f"stage1.max_steps={STEPS}", "stage1.checkpoint_every=2",
     ])
@@ -159,14 +159,14 @@ def test_a_stage_on_throttled_storage_completes_with_every_step(
 
     assert not outcome.reused and outcome.metrics["step"] == STEPS
     assert storage.exists(storage.join(outcome.artifact_uri, "artifact.json"), cfg.storage)
-    checkpoints = {uri.split("/")[-2] for uri in storage.list_files(f"{bucket}/runs/demo-stage1", cfg=cfg.storage)
-                   if "/checkpoint_" in uri and uri.endswith("progress.json")}
+    checkpoints = {uri.split("/")[-2] for uri in storage.list_files(f"{bucket}/runs", cfg=cfg.storage)
+                   if "/runs/demo-stage1-" in uri and "/checkpoint_" in uri and uri.endswith("progress.json")}
     assert len(checkpoints) == 2, checkpoints  # steps 2 and 4, Ray Train keeps two
 
     # The faults were real: on reads of the shards (Ray Data's, and the driver's checks) and on Ray Train's
     # checkpoint uploads, and on a fair share of all requests.
     assert proxy.faults(READS, since, under="/shard-") > 0
-    assert proxy.faults(WRITES, since, under="/runs/demo-stage1/checkpoint_") > 0
+    assert proxy.faults(WRITES, since, under="/runs/demo-stage1-") > 0
     assert proxy.faults(READS + WRITES, since) >= 0.1 * (len(proxy.log) - since)
 
     client = MlflowClient(resolve_tracking_uri(cfg.tracking, cfg.run.work_dir))

@@ -92,7 +92,7 @@ def bench_config(work: Path, records: int) -> DuetConfig:
     return load_config(REPO / "pipelines/configs/demo.yaml", [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
         "run.name=packing", f"data.num_records={records}", f"data.caption_records={records}",
-        "data.records_per_shard=400", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0",
+        "data.records_per_shard=400", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0",
         "data.val_fraction=0", "data.test_fraction=0.02",
     ])
 

@@ -50,7 +50,7 @@ QUESTIONS = ("List the shapes in the image.", "Describe the image.", "How many s
 def bench_config(work: Path, args: argparse.Namespace) -> DuetConfig:
     checkpoint = f"model.checkpoint={work}/base" if args.model is None else None
     return load_config(REPO / "pipelines/configs/demo.yaml", [o for o in [
-        f"run.work_dir={work}", checkpoint, "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0",
+        f"run.work_dir={work}", checkpoint, "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0",
         f"serve.max_batch_size={args.batch}", f"serve.batch_wait_timeout_s={args.batch_wait}",
         f"serve.max_ongoing_requests={max(64, args.batch * 4)}", "eval.use_gpu=false",
         f"eval.cpus_per_replica={args.replica_cpus}",

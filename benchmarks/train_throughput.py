@@ -66,7 +66,7 @@ def bench_config(work: Path, args: argparse.Namespace) -> DuetConfig:
     return load_config(REPO / "pipelines/configs/demo.yaml", [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
         "run.name=throughput", f"data.num_records={args.records}", "data.caption_records=50",
-        "data.records_per_shard=200", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "data.val_fraction=0",
+        "data.records_per_shard=200", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0", "data.val_fraction=0",
         "data.test_fraction=0.02", f"scaling.num_workers={args.workers}", f"stage2.global_batch={args.global_batch}",
         f"stage2.micro_batch={args.micro_batch}", f"stage2.max_steps={args.steps}",
         f"stage2.checkpoint_every={args.steps}", *args.set,

@@ -133,6 +133,10 @@ class TinyModelSection(Section):
     vision_warmup_steps: Annotated[int, Field(ge=0)] = 0
     vision_warmup_batch: PositiveInt = 64
     vision_warmup_lr: PositiveFloat = 1e-3
+    vision_warmup_shape_weight: PositiveFloat = 1.0
+    caption_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    caption_warmup_batch: PositiveInt = 16
+    caption_warmup_lr: PositiveFloat = 1e-3
 
 
 class ModelSection(Section):

@@ -66,7 +66,7 @@ def eval_config(root: Path, *overrides: str) -> DuetConfig:
         f"run.work_dir={root / 'work'}", f"data.root={root / 'data'}", "data.num_records=40",
         "data.val_fraction=0", "data.test_fraction=0.6", "data.caption_records=1", "data.records_per_shard=8",
         "data.preprocess_num_cpus=0.25", f"model.checkpoint={root / 'base'}", "model.max_length=512",
-        "model.tiny.vision_layers=4", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "vce.anchor_layer=-1",
+        "model.tiny.vision_layers=4", "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0", "vce.anchor_layer=-1",
         "vce.reference_layers=[-2, -3]", "vce.heads=4", "adapter.r=8", "adapter.alpha=16",
         "eval.max_new_tokens=12", "eval.batch_size=4", f"eval.max_samples={NUM_SAMPLES}",
         "eval.cpus_per_replica=0.25", "eval.use_gpu=false", *overrides,

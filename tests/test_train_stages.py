@@ -39,7 +39,7 @@ def _config(work: Path, *overrides: str) -> DuetConfig:
     return load_config(REPO / "pipelines/configs/demo.yaml", [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base",
         "data.num_records=240", "data.caption_records=200", "data.records_per_shard=60",
-        "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "scaling.cpus_per_worker=0.5", "data.preprocess_num_cpus=0.25",
+        "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0", "scaling.cpus_per_worker=0.5", "data.preprocess_num_cpus=0.25",
         "stage1.global_batch=8", "stage1.micro_batch=2", f"stage1.max_steps={STEPS}", "stage1.checkpoint_every=2",
         "stage2.global_batch=8", "stage2.micro_batch=2", f"stage2.max_steps={STEPS}", "stage2.checkpoint_every=3",
         "stage2.eval_batches=1", *overrides,

@@ -205,7 +205,7 @@ def _overrides(work: Path) -> list[str]:
     return [
         f"run.work_dir={work}", f"data.root={work}/datasets", f"model.checkpoint={work}/base", "run.name=sweep",
         "data.num_records=100", "data.caption_records=40", "data.records_per_shard=50",
-        "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "scaling.num_workers=1", "scaling.cpus_per_worker=0.5",
+        "model.tiny.warmup_steps=0", "model.tiny.vision_warmup_steps=0", "model.tiny.caption_warmup_steps=0", "scaling.num_workers=1", "scaling.cpus_per_worker=0.5",
         "data.preprocess_num_cpus=0.25",
         "stage1.global_batch=8", "stage1.micro_batch=2", "stage1.max_steps=2", "stage1.checkpoint_every=2",
         "stage2.global_batch=8", "stage2.micro_batch=2", f"stage2.max_steps={STEPS}",

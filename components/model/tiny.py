@@ -3,11 +3,13 @@
 Nothing can be downloaded, so the tiny model is saved as an ordinary Hugging Face
 checkpoint directory (weights, tokenizer, image processor) and every later step
 loads it through the same `from_pretrained` code path a real LLaVA-1.5 uses.
-Optional warm-ups make it stand in for a pretrained base instead of random
-weights on both sides: the language model learns the vocabulary on plain text,
-and the CLIP vision tower learns, on synthetic shape images of its own, to tell
+Optional warm-ups make it stand in for a released LLaVA-1.5 instead of random
+weights: the CLIP vision tower learns, on synthetic shape images of its own, to tell
 apart what a pretrained CLIP would (colour, shape, size, position, count,
-background), so VCE and the projector have visual features to align.
+background); the language model learns the vocabulary on plain text; then the
+projector and the language model learn to caption the warm-up's own images through
+the frozen tower (LLaVA's own training in miniature), so the base reads image tokens
+before duet's stages adapt it, as a released LLaVA-1.5 does.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from transformers import (
 )
 
 from components.config import TinyModelSection
+from components.data.conversation import IGNORE_INDEX, encode_conversation
 from components.data.synthetic import (
     BACKGROUNDS,
+    CAPTION_PROMPT,
     COLOURS,
     SHAPES,
     SIZES,
@@ -325,8 +329,9 @@ class VisionWarmupHeads(torch.nn.Module):
     Linear heads on layer-normed hidden states (what VCE reads) make the labels linearly decodable there.
     """
 
-    def __init__(self, dim: int, num_layers: int, pooling: torch.Tensor) -> None:
+    def __init__(self, dim: int, num_layers: int, pooling: torch.Tensor, shape_weight: float = 1.0) -> None:
         super().__init__()
+        self.shape_weight = shape_weight
         self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
         self.register_buffer("pooling", pooling)
         self.widths = {g: [w for where, _, w in LABELS.values() if where == g] for g in GRANULARITIES}
@@ -349,12 +354,13 @@ class VisionWarmupHeads(torch.nn.Module):
         return out
 
     def loss(self, level: int, patches: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The sum of every label's loss at one layer."""
+        """The sum of every label's loss at one layer, the shape kind's weighted by `shape_weight`."""
         total = patches.new_zeros(())
         for name, out in self.outputs(level, patches).items():
             kind, target = LABELS[name][1], targets[name]
             if kind == "ce":
-                total = total + F.cross_entropy(out.flatten(0, -2), target.flatten(), ignore_index=IGNORE)
+                weight = self.shape_weight if name == "kind" else 1.0
+                total = total + weight * F.cross_entropy(out.flatten(0, -2), target.flatten(), ignore_index=IGNORE)
             elif kind == "bce":
                 total = total + F.binary_cross_entropy_with_logits(out, target)
             else:
@@ -370,12 +376,15 @@ def warm_up_vision_tower(
     batch_size: int = 64,
     lr: float = 1e-3,
     layers: Sequence[int] = DEFAULT_VISION_LAYERS,
+    shape_weight: float = 1.0,
 ) -> list[float]:
     """Train the CLIP tower on fresh synthetic scenes to predict, per patch, its grid cell's shape; returns losses.
 
     Every patch token at each of `layers` (hidden-state indices, VCE's anchor and reference layers) learns the
     colour, shape, size, area and cell of the shape in its cell, and their mean the image's shape count,
     background and texture: the visual vocabulary a pretrained CLIP brings to LLaVA. The heads are discarded.
+    The shape kind is the one label a small ViT learns slowly from a few thousand images (colour and size
+    are nearly in the pixels), so its loss can be weighted up (`shape_weight`).
     """
     if steps == 0:
         return []
@@ -387,7 +396,7 @@ def warm_up_vision_tower(
         positions[1:] = sincos_positions(side, tiny.vision_hidden)
     generator = SyntheticShapes(VISION_WARMUP_SEED + seed, tiny.image_size, stream="instruct")
     cells = patch_cells(tiny.image_size, tiny.patch_size)
-    heads = VisionWarmupHeads(tiny.vision_hidden, len(layers), cell_pooling(cells))
+    heads = VisionWarmupHeads(tiny.vision_hidden, len(layers), cell_pooling(cells), shape_weight)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -408,10 +417,81 @@ def warm_up_vision_tower(
     return losses
 
 
+# The caption warm-up draws scenes of its own too: neither the vision warm-up's nor any dataset's.
+CAPTION_WARMUP_SEED = 0x7E1E_0001
+
+
+def caption_batch(generator: SyntheticShapes, tokenizer: PreTrainedTokenizerFast, indices: Sequence[int],
+                  num_visual_tokens: int) -> dict[str, torch.Tensor]:
+    """A padded batch of caption samples of `generator`'s scenes, alternately in LLaVA's pretraining
+    template (`plain`: image, caption) and its chat template (question "Describe the image briefly.")."""
+    scenes = [generator.scene(i) for i in indices]
+    encoded = [
+        encode_conversation(
+            [{"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+             {"from": "gpt", "value": SyntheticShapes.caption(scene)}],
+            tokenizer, "plain" if i % 2 == 0 else "vicuna_v1", num_visual_tokens, IMAGE_TOKEN,
+        ) for i, scene in zip(indices, scenes)
+    ]
+    width = max(len(e["input_ids"]) for e in encoded)
+    input_ids = torch.full((len(encoded), width), int(tokenizer.pad_token_id))
+    labels = torch.full((len(encoded), width), IGNORE_INDEX)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.from_numpy(e["input_ids"])
+        labels[row, :n] = torch.from_numpy(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": scene_pixels(generator, scenes)}
+
+
+def warm_up_captioning(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerFast,
+    tiny: TinyModelSection,
+    steps: int,
+    seed: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+) -> list[float]:
+    """Train the projector and the LM to caption fresh synthetic scenes through the frozen tower; returns losses.
+
+    What LLaVA-1.5's own two training stages give a released checkpoint: an LM that reads the image tokens
+    (which shape has which colour, how many there are) before anyone fine-tunes it. Captions only, never
+    the instruction tasks a duet run fine-tunes on, and never a dataset image.
+    """
+    if steps == 0:
+        return []
+    generator = SyntheticShapes(CAPTION_WARMUP_SEED + seed, tiny.image_size, stream="caption")
+    num_visual_tokens = (tiny.image_size // tiny.patch_size) ** 2
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    params = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
+              *model.lm_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    model.train()
+    tower.eval()  # frozen, as LLaVA keeps CLIP
+    losses: list[float] = []
+    for step in range(steps):
+        batch = caption_batch(generator, tokenizer, range(step * batch_size, (step + 1) * batch_size),
+                              num_visual_tokens)
+        losses.append(_optimizer_step(model(**batch).loss, optimizer, schedule, params))
+        if step % 50 == 0 or step == steps - 1:
+            log.info("tiny caption warm-up step %d/%d loss %.3f", step + 1, steps, losses[-1])
+    model.eval()
+    tower.requires_grad_(True)
+    return losses
+
+
 # Written beside the weights: the digest of everything the tiny base was built from, so a base built from
 # another recipe (tiny sizes, warm-up steps, texts, VCE layers or seed) is rebuilt instead of reused.
 RECIPE_FILE = "duet_tiny_recipe.json"
-RECIPE_VERSION = 2  # bumped when the build itself changes (2: the vision tower is warmed up)
+RECIPE_VERSION = 3  # bumped when the build itself changes (2: the vision tower is warmed up; 3: captioning)
 
 
 def tiny_recipe(tiny: TinyModelSection, texts: Sequence[str], seed: int, vision_layers: Sequence[int]) -> str:
@@ -436,7 +516,8 @@ def save_tiny_checkpoint(
     seed: int = 0,
     vision_layers: Sequence[int] = DEFAULT_VISION_LAYERS,
 ) -> str:
-    """Build, warm up (vision tower on its own scenes, LM on `texts`) and save a tiny LLaVA with its processor.
+    """Build, warm up (vision tower on its own scenes, LM on `texts`, then projector and LM on captions of
+    scenes of their own) and save a tiny LLaVA with its processor.
 
     Written to a sibling folder first and moved into place, so a reader never sees half a checkpoint and a
     base built from another recipe is replaced whole.
@@ -446,8 +527,10 @@ def save_tiny_checkpoint(
     processor = build_processor(tiny, build_tokenizer(tiny.vocab_size, texts))
     model = LlavaForConditionalGeneration(tiny_llava_config(tiny, processor.tokenizer))
     warm_up_vision_tower(model, tiny, tiny.vision_warmup_steps, seed, batch_size=tiny.vision_warmup_batch,
-                         lr=tiny.vision_warmup_lr, layers=vision_layers)
+                         lr=tiny.vision_warmup_lr, layers=vision_layers, shape_weight=tiny.vision_warmup_shape_weight)
     warm_up_language_model(model, processor.tokenizer, list(texts), tiny.warmup_steps, seed)
+    warm_up_captioning(model, processor.tokenizer, tiny, tiny.caption_warmup_steps, seed,
+                       batch_size=tiny.caption_warmup_batch, lr=tiny.caption_warmup_lr)
     # Batched calls leave truncation/padding switched on in the fast tokenizer; never save them with it.
     processor.tokenizer.backend_tokenizer.no_truncation()
     processor.tokenizer.backend_tokenizer.no_padding()

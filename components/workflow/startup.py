@@ -93,8 +93,9 @@ def ensure_base_model(cfg: DuetConfig, splits: dict[str, SplitResult]) -> tuple[
             say(f"base model: {path} was built from another recipe (model.tiny, the warm-up texts, the VCE layers "
                 "or run.seed changed); rebuilding it")
         tiny = cfg.model.tiny
+        captions = f", then {tiny.caption_warmup_steps} caption steps with the projector" if tiny.caption_warmup_steps else ""
         say(f"base model: building the tiny LLaVA at {path} (vision tower: {tiny.vision_warmup_steps} warm-up "
-            f"steps on its own scenes; language model: {tiny.warmup_steps} steps on {len(texts)} texts)")
+            f"steps on its own scenes; language model: {tiny.warmup_steps} steps on {len(texts)} texts{captions})")
         return save_tiny_checkpoint(tiny, path, texts, seed=cfg.run.seed, vision_layers=layers), False
 
 

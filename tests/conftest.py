@@ -100,7 +100,8 @@ def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> DuetConfig:
 
     path = tmp_path_factory.mktemp("tiny") / "base"
     cfg = load_config(REPO / "pipelines/configs/demo.yaml", [f"model.checkpoint={path}", "adapter.r=8"])
-    save_tiny_checkpoint(cfg.model.tiny.model_copy(update={"warmup_steps": 0, "vision_warmup_steps": 0, "caption_warmup_steps": 0}), path, seed=0)
+    no_warmups = {"warmup_steps": 0, "vision_warmup_steps": 0, "caption_warmup_steps": 0}
+    save_tiny_checkpoint(cfg.model.tiny.model_copy(update=no_warmups), path, seed=0)
     return cfg
 
 

@@ -96,8 +96,8 @@ def quiet_training_worker(use_gpu: bool) -> None:
 @contextmanager
 def quiet_op_builds() -> Iterator[None]:
     """Around `deepspeed.initialize`: its "DeepSpeed <op> built successfully" prints go, anything else it
-    prints is printed as it was (after the call, also when it fails). Ray Train's print patch, where on, tees into the
-    redirect and logs a record the root-logger filter of quiet_training_worker drops."""
+    prints is printed as it was (after the call, also when it fails). Ray Train's print patch, where on,
+    tees into the redirect and logs a record the root-logger filter of quiet_training_worker drops."""
     printed = io.StringIO()
     try:
         with redirect_stdout(printed):

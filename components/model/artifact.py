@@ -144,7 +144,11 @@ def artifact_identity(uri: str, storage_cfg: StorageSection | None = None) -> st
     """What tells one written artifact from another at the same URI: the digest of its artifact.json, which
     holds the run that wrote it and every file's sha256. Steps that build on an artifact hash this, never
     its path, which a retrained stage writes to again."""
-    return hashlib.sha256(storage.read_bytes(storage.join(uri, ARTIFACT_META), storage_cfg)).hexdigest()[:16]
+    try:
+        meta = storage.read_bytes(storage.join(uri, ARTIFACT_META), storage_cfg)
+    except FileNotFoundError:
+        raise ArtifactError(f"no stage artifact at {uri} (no {ARTIFACT_META}): was its stage finished?") from None
+    return hashlib.sha256(meta).hexdigest()[:16]
 
 
 def read_artifact_meta(uri: str, storage_cfg: StorageSection | None = None) -> ArtifactMeta:

@@ -182,6 +182,16 @@ def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedu
     return loss.item()
 
 
+def _adamw_warmup_cosine(params: Sequence[torch.nn.Parameter], lr: float, steps: int) -> tuple[Any, Any]:
+    """AdamW without weight decay, a linear warm-up over 5 % of the steps, then cosine to zero."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    return optimizer, schedule
+
+
 def warm_up_language_model(
     model: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerFast,
@@ -398,11 +408,7 @@ def warm_up_vision_tower(
     cells = patch_cells(tiny.image_size, tiny.patch_size)
     heads = VisionWarmupHeads(tiny.vision_hidden, len(layers), cell_pooling(cells), shape_weight)
     params = [*tower.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
+    optimizer, schedule = _adamw_warmup_cosine(params, lr, steps)
     tower.train()
     losses: list[float] = []
     for step in range(steps):
@@ -469,11 +475,7 @@ def warm_up_captioning(
     tower.requires_grad_(False)
     params = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
               *model.lm_head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
+    optimizer, schedule = _adamw_warmup_cosine(params, lr, steps)
     model.train()
     tower.eval()  # frozen, as LLaVA keeps CLIP
     losses: list[float] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 STARTUP_TIMEOUT_S = 90.0
 
@@ -53,12 +53,6 @@ class MlflowServer:
 _SERVER: MlflowServer | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_healthy(server: MlflowServer) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -80,7 +74,7 @@ def start_server() -> MlflowServer:
     if _SERVER is not None and _SERVER.process.poll() is None:
         return _SERVER
     root = Path(tempfile.mkdtemp(prefix="duet-mlflow-server-"))
-    port = _free_port()
+    port = free_port()
     log_file = root / "server.log"
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     command = [

@@ -17,11 +17,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (fixture)
+from ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -46,12 +47,6 @@ TINY = [
     "stage2.global_batch=8", "stage2.micro_batch=2", "stage2.max_steps=3", "stage2.checkpoint_every=3",
     "stage2.eval_batches=1", "adapter.r=8", "adapter.alpha=16",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def user_env(**extra: str) -> dict[str, str]:
@@ -76,60 +71,100 @@ def sets(*overrides: str) -> list[str]:
 
 @dataclass
 class Head:
-    address: str  # the job server (dashboard) address for `ray job submit`
+    """A `ray start --head --block` of this module's: its job server address, its HOME and its own log."""
+
     home: Path  # HOME of the head and the jobs it runs
+    address: str = ""  # the job server (dashboard) address for `ray job submit`
+    gcs_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    @property
+    def log(self) -> Path:
+        return self.home / "ray-head.log"
+
+    def env(self) -> dict[str, str]:
+        return user_env(RAY_AUTH_MODE="token", HOME=str(self.home))
+
+    def start(self) -> None:
+        dashboard, self.gcs_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{dashboard}"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                 "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                 # Own ports for the node's agents: another Ray on this machine must not collide with them.
+                 "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                 "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+                 "--ray-client-server-port", str(free_port()), "--disable-usage-stats"],
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", self.address], env=self.env(),
+                                   capture_output=True)
+            if probe.returncode == 0:
+                return
+            assert self.alive(), f"ray start --head exited:\n{self.log_tail()}"
+            time.sleep(2)
+        pytest.fail(f"the Ray head's job server did not come up in 120 s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def restart_if_dead(self) -> None:
+        """Start the head again, once, if it stopped under the module (said as a warning with its log)."""
+        if self.alive():
+            return
+        assert self.restarts == 0, f"the Ray head stopped a second time:\n{self.log_tail()}"
+        warnings.warn(f"the test's Ray head stopped (exit {self.process.returncode if self.process else None}); "
+                      f"starting it again. Its last lines:\n{self.log_tail()}", stacklevel=2)
+        self.stop()
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # --block: the head stops the processes it started
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        # A stopped head leaves Ray's "current cluster" file behind; a plain ray.init(num_cpus=...) elsewhere
+        # would then try to join it. Remove it when it names this head (and only then).
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip() == f"127.0.0.1:{self.gcs_port}":
+            current.unlink()
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
-    home = tmp_path_factory.mktemp("head-home")
-    dashboard = _free_port()
-    env = user_env(RAY_AUTH_MODE="token", HOME=str(home))
+    head = Head(tmp_path_factory.mktemp("head-home"))
     # As the README says: a token once (~/.ray/auth_token), then the head with token auth on.
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    gcs_port = _free_port()
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         # Own ports for the node's agents: another Ray on this machine must not collide with them.
-         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-         "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=head.env(), check=True,
+                   capture_output=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                                   capture_output=True)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head's job server did not come up in 120 s")
-        yield Head(address, home)
+        head.start()
+        yield head
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        # A stopped head leaves Ray's "current cluster" file behind; a plain ray.init(num_cpus=...) elsewhere
-        # would then try to join it. Remove it when it names this head (and only then).
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if current.is_file() and current.read_text().strip() == f"127.0.0.1:{gcs_port}":
-            current.unlink()
+        head.stop()
 
 
 def _submit(head: Head, *overrides: str) -> subprocess.CompletedProcess[str]:
-    args = [str(BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", str(REPO), "--",
-            "python", "pipelines/full.py", "--config", DEMO, *sets(*overrides)]
-    env = user_env(RAY_AUTH_MODE="token", HOME=str(head.home))
     for _ in range(10):
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1500)
-        if "No available agent to submit job" not in done.stdout + done.stderr:
+        head.restart_if_dead()
+        args = [str(BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", str(REPO), "--",
+                "python", "pipelines/full.py", "--config", DEMO, *sets(*overrides)]
+        done = subprocess.run(args, env=head.env(), capture_output=True, text=True, timeout=1500)
+        output = done.stdout + done.stderr
+        if "Failed to connect to Ray at address" in output and not head.alive():
+            continue  # the head stopped before the job reached it: started again above, submitted again
+        if "No available agent to submit job" not in output:
             break
         time.sleep(5)  # the head's job agent registers a little after its REST API answers
     return done

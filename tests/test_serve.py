@@ -25,6 +25,7 @@ import pytest
 import ray
 from mlflow_server import MlflowServer, mlflow_server  # noqa: F401  (session fixture)
 from PIL import Image
+from ports import free_port
 from test_evaluate import EvalSetup, eval_setup  # noqa: F401  (session fixture: a tiny base and its stage artifacts)
 from test_serve_engine import second_stage2  # noqa: F401  (session fixture: a second stage-2 artifact)
 
@@ -70,13 +71,6 @@ def _raw(url: str, body: bytes | None = None, token: str | None = None) -> tuple
         return exc.code, json.loads(exc.read())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(eval_setup: EvalSetup, second_stage2: str, mlflow_server: MlflowServer,  # noqa: F811
@@ -110,7 +104,7 @@ def served(eval_setup: EvalSetup, second_stage2: str, mlflow_server: MlflowServe
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(TOKEN_ENV, token)  # the replicas inherit it from the Ray this process starts
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        port = _free_port()  # after Ray has taken its own ports
+        port = free_port()  # after Ray has taken its own ports
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
             serve.run(build_app(cfg), name="duet", route_prefix="/", blocking=False)

@@ -239,9 +239,9 @@ def test_secrets_appear_nowhere(
 
 
 def test_unreachable_server_fails_fast_with_a_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow_server import _free_port
+    from ports import free_port
 
-    uri = f"http://alice:hunter2secret@127.0.0.1:{_free_port()}"
+    uri = f"http://alice:hunter2secret@127.0.0.1:{free_port()}"
     tracker = Tracker(TrackingSection(tracking_uri=uri), "unused")
     start = time.monotonic()
     with pytest.raises(TrackingUnreachable) as err:

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import free_port
 from probe_output import PROBE_MARK, probe_json
 
 RAY = str(Path(sys.executable).parent / "ray")
 WORKER_NODE = str(Path(__file__).with_name("ray_worker_node.py"))
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # the id the fake multi-node provider knows the head by
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

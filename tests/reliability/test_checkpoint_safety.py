@@ -13,13 +13,13 @@ import ast
 import json
 import os
 import pickle
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from ports import free_port
 
 from components.config import DeepSpeedSection, StageSection
 from components.train.deepspeed import build_deepspeed_config, plan_batch
@@ -96,12 +96,6 @@ def test_gpu_precision_state_loads_through_the_allow_list(tmp_path: Path) -> Non
 # ---------------------------------------------------------------- a real DeepSpeed engine
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
     """A one-process DeepSpeed ZeRO-2 engine (gloo on 127.0.0.1) with a frozen and a trainable layer."""
@@ -109,7 +103,7 @@ def engine() -> Iterator[Any]:
     import torch.distributed as dist
 
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))

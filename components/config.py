@@ -31,7 +31,11 @@ Dropout = Annotated[float, Field(ge=0, lt=1)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 # Architecture presets whose sizes are known without reading a checkpoint.
-VISION_LAYERS_BY_ARCH = {"llava-1.5-7b": 24}
+# The paper-scale presets of model.arch: their family and their vision tower's depth.
+ARCH_FAMILIES = {"llava-1.5-7b": "llava", "llava-next-7b": "llava_next", "llava-onevision-7b": "llava_onevision",
+                 "qwen2.5-vl-7b": "qwen2_5_vl"}
+VISION_LAYERS_BY_ARCH = {"llava-1.5-7b": 24, "llava-next-7b": 24, "llava-onevision-7b": 26, "qwen2.5-vl-7b": 32}
+FamilyName = Literal["auto", "llava", "llava_next", "llava_onevision", "qwen2_5_vl"]
 
 
 class ConfigError(UsageError, ValueError):
@@ -140,10 +144,15 @@ class TinyModelSection(Section):
 
 
 class ModelSection(Section):
-    arch: Literal["tiny", "llava-1.5-7b", "checkpoint"] = Field(
-        "tiny", description="Architecture: the tiny test model, the LLaVA-1.5-7B preset, or read from checkpoint."
+    arch: Literal["tiny", "llava-1.5-7b", "llava-next-7b", "llava-onevision-7b", "qwen2.5-vl-7b", "checkpoint"] = Field(
+        "tiny", description="Architecture: the tiny test model, a paper-scale preset of one family, or read from "
+        "model.checkpoint."
     )
-    checkpoint: str | None = Field(None, description="Local path or URI of a LlavaForConditionalGeneration checkpoint.")
+    family: FamilyName = Field(
+        "auto", description="The base's model family (llava, llava_next, llava_onevision, qwen2_5_vl); auto reads "
+        "it from the preset or the checkpoint's config.json model_type, and a stated one must match it.",
+    )
+    checkpoint: str | None = Field(None, description="Local path or URI of the base checkpoint (save_pretrained layout).")
     tiny: TinyModelSection = TinyModelSection()
     max_length: PositiveInt = 2048
     gradient_checkpointing: bool = False
@@ -157,6 +166,10 @@ class ModelSection(Section):
     def _checkpoint_needed(self) -> ModelSection:
         if self.arch == "checkpoint" and not self.checkpoint:
             raise ValueError("model.arch 'checkpoint' needs model.checkpoint (a local path or s3:// URI)")
+        preset = ARCH_FAMILIES.get(self.arch, "llava" if self.arch == "tiny" else None)
+        if preset is not None and self.family not in ("auto", preset):
+            raise ValueError(f"model.family {self.family!r} does not match model.arch {self.arch!r}, a {preset} "
+                             f"architecture: set model.family: {preset} (or auto)")
         return self
 
     def vision_layers(self) -> int | None:
@@ -169,7 +182,8 @@ class ModelSection(Section):
         try:
             if not cfg.is_file():
                 return None
-            layers = json.loads(cfg.read_text()).get("vision_config", {}).get("num_hidden_layers")
+            vision = json.loads(cfg.read_text()).get("vision_config", {})
+            layers = vision.get("num_hidden_layers", vision.get("depth"))  # Qwen2.5-VL counts blocks as depth
         except (OSError, ValueError, AttributeError) as exc:  # unreadable path, bad JSON, JSON not an object
             raise ValueError(f"model.checkpoint: cannot read {str(cfg)[:200]!r} ({type(exc).__name__})") from None
         if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):

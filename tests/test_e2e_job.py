@@ -162,8 +162,8 @@ def _submit(head: Head, *overrides: str) -> subprocess.CompletedProcess[str]:
                 "python", "pipelines/full.py", "--config", DEMO, *sets(*overrides)]
         done = subprocess.run(args, env=head.env(), capture_output=True, text=True, timeout=1500)
         output = done.stdout + done.stderr
-        if "Failed to connect to Ray at address" in output and not head.alive():
-            continue  # the head stopped before the job reached it: started again above, submitted again
+        if not head.alive() and head.restarts == 0:
+            continue  # the head stopped under the job or before it: started again above, submitted again
         if "No available agent to submit job" not in output:
             break
         time.sleep(5)  # the head's job agent registers a little after its REST API answers

@@ -181,8 +181,13 @@ def test_a_checkpoint_of_another_family_is_refused_before_loading(tiny_cfg: Duet
     qwen.mkdir()
     (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "architectures": ["X"]}))
     cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"checkpoint": str(qwen)})})
-    with pytest.raises(ArtifactError, match=r"is a Qwen2.5-VL checkpoint \(config.json model_type 'qwen2_5_vl'\)"):
+    with pytest.raises(ArtifactError, match=r"is a Qwen2.5-VL checkpoint \(model_type 'qwen2_5_vl'\) but model.arch "
+                                            r"'tiny' is a LLaVA-1.5 architecture"):
         build_model(cfg, stage=1)
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ArtifactError, match=r"is a Qwen2-VL checkpoint \(config.json model_type 'qwen2_vl'\); duet "
+                                            r"builds on LLaVA-1.5, LLaVA-NeXT"):
+        local_checkpoint(str(qwen))
     with pytest.raises(ArtifactError, match=r"model_type 'mystery'"):
         (qwen / "config.json").write_text(json.dumps({"model_type": "mystery"}))
         local_checkpoint(str(qwen))

@@ -29,7 +29,9 @@ from components.checksums import file_records, mismatches
 from components.config import DuetConfig, StorageSection, dump_config
 from components.errors import ArtifactError
 from components.model.adapters.apply import is_adapter_param, load_adapter
-from components.model.llava import attach_vce, load_base_model, projector_module
+from components.model.families import FAMILIES, Family, family_of
+from components.model.families.llava import LLAVA
+from components.model.llava import attach_vce, configured_family, load_base_model, projector_module
 
 ARTIFACT_WEIGHTS = "vce_projector.safetensors"
 
@@ -102,6 +104,11 @@ def model_signature(cfg: DuetConfig) -> dict[str, Any]:
     return {"arch": cfg.model.arch, "checkpoint": cfg.model.checkpoint}
 
 
+def artifact_family(meta: ArtifactMeta) -> str:
+    """The model family an artifact was trained on (artifacts from before families were recorded: LLaVA)."""
+    return str(meta.model_signature.get("family", LLAVA.name))
+
+
 def vce_signature(cfg: DuetConfig) -> dict[str, Any]:
     """What VCE's weights depend on: not the sampler, which holds none."""
     return cfg.vce.model_dump(mode="json", exclude={"sampler"})
@@ -130,7 +137,8 @@ def save_stage_artifact(
             model.save_pretrained(str(out / ARTIFACT_ADAPTER), state_dict=adapter_state or None)
         (out / ARTIFACT_CONFIG).write_text(dump_config(cfg))
         meta = ArtifactMeta(
-            stage=stage, model_signature=model_signature(cfg), vce_signature=vce_signature(cfg),
+            stage=stage, model_signature={**model_signature(cfg), "family": family_of(model).name},
+            vce_signature=vce_signature(cfg),
             data_digest=data_digest, adapter_type=cfg.adapter.type if stage == 2 else None, run_id=run_id,
             files=file_records(out, skip=[ARTIFACT_CONFIG]),  # a package replaces config.yaml with a redacted copy
         )
@@ -173,11 +181,24 @@ def read_artifact_meta(uri: str, storage_cfg: StorageSection | None = None) -> A
     return ArtifactMeta.from_dict(raw, meta_uri)
 
 
+def check_family_matches(meta: ArtifactMeta, family: Family, uri: str) -> None:
+    """Refuse weights of an artifact trained on another family than the base's."""
+    trained = artifact_family(meta)
+    if trained != family.name:
+        label = FAMILIES[trained].label if trained in FAMILIES else trained
+        raise ArtifactError(
+            f"stage-{meta.stage} artifact {uri!r} was trained on a {label} base, but this config's base is "
+            f"{family.label} ({family.name}): its VCE and projector weights fit that family only; train stage 1 "
+            "on this base, or set model.checkpoint to the artifact's base"
+        )
+
+
 def check_compatible(cfg: DuetConfig, uri: str, stage: int | None = None) -> ArtifactMeta:
     """Refuse an artifact trained with another model or VCE config (or from the wrong stage), naming the difference."""
     meta = read_artifact_meta(uri, cfg.storage)
     if stage is not None and meta.stage != stage:
         raise ArtifactError(f"{uri} is a stage-{meta.stage} artifact, not stage {stage}")
+    check_family_matches(meta, configured_family(cfg), uri)
     diffs = [
         f"model.{k}: artifact {meta.model_signature.get(k)!r} != config {v!r}"
         for k, v in model_signature(cfg).items() if meta.model_signature.get(k) != v
@@ -238,6 +259,7 @@ def load_stage_model(cfg: DuetConfig, uri: str, dtype: torch.dtype | None = None
     """A ready-to-use model from a stage artifact: base + VCE/projector weights (+ adapter for stage 2)."""
     folder, meta = local_artifact(uri, cfg.storage)
     model = attach_vce(load_base_model(cfg, dtype), cfg.vce)
+    check_family_matches(meta, family_of(model), uri)
     load_projector_weights(model, folder, uri)
     if meta.stage == 2 and (folder / ARTIFACT_ADAPTER / "adapter_config.json").is_file():
         model = load_adapter(model, str(folder / ARTIFACT_ADAPTER))

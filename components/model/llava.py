@@ -1,91 +1,37 @@
-"""LLaVA assembly: the base checkpoint, VCE in front of the projector, and where the parts are.
+"""The base checkpoint: where it is, which family it is, loading it, and VCE attached to it.
 
-VCE plugs into Hugging Face's own image path: the model's `vision_feature_layer`
-becomes the list [anchor, references...], so `get_image_features` hands the
-projector those maps concatenated on the feature axis (CLS dropped), and the
-projector is replaced by `VCEProjector`, which splits them, runs VCE and then the
-original two-layer MLP. Generation, caching and the image-token merge stay
-transformers' code.
+Where VCE sits and what it reads is each family's business (components/model/families);
+this module finds the checkpoint, checks it before minutes of loading, and dispatches.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import PreTrainedModel
 
 from components import storage
-from components.config import DuetConfig, StorageSection, VCESection
+from components.config import ARCH_FAMILIES, DuetConfig, StorageSection, VCESection
 from components.errors import ArtifactError
-from components.model.vce import VisualCueEnhancer
+from components.model.families import Family, family_for_model_type, family_named, family_of
+from components.model.families.llava import VCEProjector, llava_15_7b_config
 
-
-class VCEProjector(nn.Module):
-    """VCE (paper eq. 7) followed by LLaVA's projector (eq. 8), fed the concatenated selected maps.
-
-    Input: [B, N, d * (1 + R)] = anchor map then R reference maps, as HF's
-    `get_image_features` concatenates them for a list-valued `vision_feature_layer`.
-    """
-
-    def __init__(self, vce: VisualCueEnhancer, projector: nn.Module, dim: int, vce_cfg: VCESection):
-        super().__init__()
-        self.vce = vce
-        self.projector = projector
-        self.dim = dim
-        self.include_anchor_level = vce_cfg.include_anchor_level
-        self.num_references = len(vce_cfg.reference_layers)
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        maps = image_features.split(self.dim, dim=-1)
-        if len(maps) != 1 + self.num_references:
-            raise ValueError(
-                f"VCEProjector expected {1 + self.num_references} feature maps of width {self.dim}, got "
-                f"{len(maps)}: the model's vision_feature_layer does not match vce.reference_layers"
-            )
-        anchor, references = maps[0], list(maps[1:])
-        if self.include_anchor_level:
-            references = [anchor, *references]
-        side = math.isqrt(anchor.shape[1])
-        if side * side != anchor.shape[1]:
-            raise ValueError(f"VCE needs a square patch grid from CLIP, got {anchor.shape[1]} patches")
-        enhanced = self.vce(anchor, references, (side, side))
-        return self.projector(enhanced)
-
-
-def llava_15_7b_config() -> LlavaConfig:
-    """LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 + Vicuna-7B), as published with llava-hf's checkpoint."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=576,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        pad_token_id=32001, tie_word_embeddings=False,
-    )
+__all__ = ["VCEProjector", "attach_vce", "llava_15_7b_config", "load_base_model", "local_checkpoint",
+           "projector_module"]
 
 
 def llava_core(model: nn.Module) -> nn.Module:
-    """The inner `LlavaModel` (vision tower, projector, LM) under any PEFT wrapping."""
-    for module in model.modules():
-        if hasattr(module, "multi_modal_projector") and hasattr(module, "vision_tower"):
-            return module
-    raise TypeError(f"{type(model).__name__} is not a LLaVA model (no vision_tower/multi_modal_projector)")
+    """The inner transformers model (vision tower, bridge, LM) under any PEFT wrapping."""
+    return family_of(model).core(model)
 
 
 def projector_module(model: nn.Module) -> nn.Module:
-    """The trainable vision-to-language bridge: VCEProjector (or the plain projector when VCE is off)."""
-    return llava_core(model).multi_modal_projector
+    """The trainable vision-to-language bridge: VCE + the family's projector (or the projector alone)."""
+    return family_of(model).bridge(model)
 
 
 def local_checkpoint(uri: str, storage_cfg: StorageSection | None = None) -> str:
@@ -97,7 +43,7 @@ def local_checkpoint(uri: str, storage_cfg: StorageSection | None = None) -> str
                 f"model.checkpoint {uri!r} has no config.json: point it at a LlavaForConditionalGeneration "
                 "checkpoint directory (save_pretrained layout)"
             )
-        check_llava_checkpoint(uri, Path(path))
+        checkpoint_family(uri, Path(path))
         return path
     try:
         local = storage.local_copy(uri, storage_cfg, kind="checkpoints")
@@ -105,49 +51,86 @@ def local_checkpoint(uri: str, storage_cfg: StorageSection | None = None) -> str
         raise ArtifactError(f"model.checkpoint {uri!r}: nothing is stored there (check the URI)") from None
     if not (local / "config.json").is_file():
         raise ArtifactError(f"model.checkpoint {uri!r} has no config.json: it is not a save_pretrained checkpoint")
-    check_llava_checkpoint(uri, local)
+    checkpoint_family(uri, local)
     return str(local)
 
 
-# Families a checkpoint's config.json can name that duet does not train yet: what they are, for the message.
-OTHER_FAMILIES = {
-    "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision", "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "idefics3": "Idefics3", "paligemma": "PaliGemma",
-}
+def checkpoint_family(uri: str, folder: Path) -> Family:
+    """The family a checkpoint's config.json names, refused before loading if duet has none for it.
 
-
-def check_llava_checkpoint(uri: str, folder: Path) -> None:
-    """Refuse a checkpoint of another architecture before it is loaded.
-
-    Given another family's checkpoint, LlavaForConditionalGeneration.from_pretrained warns, then fails
-    on an attribute the other config lacks (a Qwen2.5-VL one: "no attribute 'tie_word_embeddings'") or,
-    where the configs look alike, loads it with every weight whose name differs left at random values.
+    Loaded with the wrong class, transformers warns, then fails on an attribute the other config
+    lacks (a Qwen2.5-VL one in LlavaForConditionalGeneration: "no attribute 'tie_word_embeddings'")
+    or, where the configs look alike, loads it with every weight whose name differs left at random.
     """
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"model.checkpoint {uri!r}: config.json does not parse ({exc})") from None
-    if model_type == "llava":
-        return
-    what = OTHER_FAMILIES.get(str(model_type), f"model_type {model_type!r}")
-    raise ArtifactError(
-        f"model.checkpoint {uri!r} is a {what} checkpoint (config.json model_type {model_type!r}); duet trains "
-        "LLaVA-1.5-style checkpoints (LlavaForConditionalGeneration, model_type 'llava') only: convert it, or "
-        "point model.checkpoint at a llava-hf checkpoint"
-    )
+    try:
+        return family_for_model_type(model_type, f"model.checkpoint {uri!r}")
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
-def load_base_model(cfg: DuetConfig, dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:
-    """The pretrained LLaVA from `model.checkpoint` (a local path or object-store URI)."""
+def stated_family(cfg: DuetConfig) -> Family | None:
+    """The family the config itself names: model.family, else the one of model.arch's preset (tiny: LLaVA)."""
+    if cfg.model.family != "auto":
+        return family_named(cfg.model.family)
+    preset = "llava" if cfg.model.arch == "tiny" else ARCH_FAMILIES.get(cfg.model.arch)
+    return family_named(preset) if preset is not None else None
+
+
+def configured_family(cfg: DuetConfig) -> Family:
+    """The family the config builds on: the one it names, else the checkpoint's config.json model_type."""
+    stated = stated_family(cfg)
+    if stated is not None:
+        return stated
+    uri = storage.join(cfg.model.checkpoint or "", "config.json")
+    try:
+        model_type = json.loads(storage.read_text(uri, cfg.storage)).get("model_type")
+    except FileNotFoundError:
+        raise ArtifactError(f"model.checkpoint {cfg.model.checkpoint!r} has no config.json (check the path)") from None
+    except (ValueError, AttributeError) as exc:
+        raise ArtifactError(f"model.checkpoint {cfg.model.checkpoint!r}: config.json does not parse ({exc})") from None
+    try:
+        return family_for_model_type(model_type, f"model.checkpoint {cfg.model.checkpoint!r}")
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
+def check_family(cfg: DuetConfig, family: Family, uri: str) -> None:
+    """A checkpoint of another family than model.family says, or one duet cannot train yet, is refused."""
+    stated = stated_family(cfg)
+    if stated is not None and stated is not family:
+        named = (f"model.family is {cfg.model.family!r}" if cfg.model.family != "auto"
+                 else f"model.arch {cfg.model.arch!r} is a {stated.label} architecture")
+        raise ArtifactError(
+            f"model.checkpoint {uri!r} is a {family.label} checkpoint (model_type {family.name!r}) but {named}: "
+            f"set model.arch: checkpoint and model.family: {family.name} (or auto), or point model.checkpoint "
+            f"at a {stated.label} checkpoint"
+        )
+    if not family.trains:
+        raise ArtifactError(
+            f"model.checkpoint {uri!r} is a {family.label} checkpoint: duet attaches VCE and the adapter to it "
+            "and sizes it (pipelines/inspect_model.py), but its processor and chat template are not in the "
+            "data path yet, so it cannot be trained, evaluated or served; use a LLaVA-1.5 checkpoint (model_type "
+            "'llava') for those"
+        )
+
+
+def load_base_model(cfg: DuetConfig, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The pretrained base from `model.checkpoint` (a local path or object-store URI), in its family's class."""
     if not cfg.model.checkpoint:
         raise ValueError(
             "model.checkpoint is not set: give the LLaVA checkpoint directory or URI "
             "(the demo builds a tiny one: see pipelines/full.py)"
         )
     path = local_checkpoint(cfg.model.checkpoint, cfg.storage)
+    family = checkpoint_family(cfg.model.checkpoint, Path(path))
+    check_family(cfg, family, cfg.model.checkpoint)
     check_attn_implementation(cfg.model.attn_implementation)
-    # One string sets every sub-config: the CLIP tower and the language model get the same kernel.
-    return LlavaForConditionalGeneration.from_pretrained(
+    # One string sets every sub-config: the vision tower and the language model get the same kernel.
+    return family.model_class.from_pretrained(
         path, dtype=dtype or torch.float32, attn_implementation=cfg.model.attn_implementation
     )
 
@@ -168,18 +151,6 @@ def check_attn_implementation(name: str) -> None:
         )
 
 
-def attach_vce(model: LlavaForConditionalGeneration, vce_cfg: VCESection) -> LlavaForConditionalGeneration:
-    """Wrap the projector with VCE and make the vision path hand it the anchor and reference maps."""
-    if not vce_cfg.enabled:
-        return model
-    core = llava_core(model)
-    if isinstance(core.multi_modal_projector, VCEProjector):
-        return model
-    dim = model.config.vision_config.hidden_size
-    layers = [vce_cfg.anchor_layer, *vce_cfg.reference_layers]
-    model.config.vision_feature_layer = layers
-    vce = VisualCueEnhancer.from_config(vce_cfg, dim)
-    device = next(core.multi_modal_projector.parameters()).device
-    vce.to(device=device, dtype=next(core.multi_modal_projector.parameters()).dtype)
-    core.multi_modal_projector = VCEProjector(vce, core.multi_modal_projector, dim, vce_cfg)
-    return model
+def attach_vce(model: nn.Module, vce_cfg: VCESection) -> nn.Module:
+    """Put VCE in front of the model's bridge, where its family says (idempotent; off when vce.enabled is false)."""
+    return family_of(model).attach_vce(model, vce_cfg)

@@ -32,7 +32,13 @@ from components.data.transform import load_image_spec
 from components.evaluate.generate import batch_inputs, inference_dtype
 from components.evaluate.prompts import PromptBuilder, visual_token_count
 from components.model.adapters.apply import load_adapter
-from components.model.artifact import ARTIFACT_ADAPTER, load_bridge_weights, local_artifact
+from components.model.artifact import (
+    ARTIFACT_ADAPTER,
+    check_family_matches,
+    load_bridge_weights,
+    local_artifact,
+)
+from components.model.families import family_of
 from components.model.llava import VCEProjector, llava_core, load_base_model
 from components.model.vce import VisualCueEnhancer
 from components.serve.versions import Package
@@ -167,6 +173,7 @@ class Engine:
         base = self.bases.get(identity)
         if base is None:
             base = SharedBase(cfg, self.device)
+        check_family_matches(meta, family_of(base.model), package.stage2)
         bridge, feature_layer = base.bridge_for(cfg)
         load_bridge_weights(bridge, folder, package.stage2)
         bridge.to(self.device, base.dtype)

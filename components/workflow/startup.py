@@ -8,8 +8,9 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from transformers import LlavaConfig
+from transformers import AutoConfig, LlavaConfig
 
 from components import storage
 from components.cluster import check_fits, init_ray, pipeline_needs
@@ -19,7 +20,7 @@ from components.data.prepare import SplitResult, prepare
 from components.data.shards import read_manifest, shard_uris
 from components.layout import dataset_uri, split_uri
 from components.locks import build_lock
-from components.model.llava import local_checkpoint
+from components.model.llava import check_family, checkpoint_family, local_checkpoint
 from components.model.tiny import built_recipe, save_tiny_checkpoint, tiny_recipe
 from components.quiet import quiet_driver
 from components.tracking.tracker import Tracker
@@ -58,9 +59,12 @@ def start(cfg: DuetConfig, stages: tuple[int, ...] = (1, 2)) -> Workspace:
         if split is not None:
             total_steps(cfg.stage(stage), split.manifest.count)
     base_dir, reused = ensure_base_model(cfg, splits)
-    try:  # a checkpoint in object storage is read only now: its vision tower decides the VCE layers
-        cfg.vce.check_layers(LlavaConfig.from_pretrained(base_dir).vision_config.num_hidden_layers,
-                             f" of {cfg.model.checkpoint}")
+    # A checkpoint in object storage is read only now: its family must be one duet trains, and its
+    # vision tower decides the VCE layers.
+    family = checkpoint_family(cfg.model.checkpoint or base_dir, Path(base_dir))
+    check_family(cfg, family, cfg.model.checkpoint or base_dir)
+    try:
+        family.check_vce(AutoConfig.from_pretrained(base_dir), cfg.vce, f" of {cfg.model.checkpoint}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return Workspace(cfg, tracker, splits, base_dir, reused)

@@ -31,7 +31,7 @@ ADAPTER_PREFIX = "lora_"
 
 
 # Submodules of a multimodal model that plain target names never reach (vision side, projector, VCE).
-NON_LANGUAGE_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector", "vce")
+NON_LANGUAGE_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "vce")
 
 
 CUSTOM_CONFIGS: dict[str, type[CustomLoraConfig]] = {

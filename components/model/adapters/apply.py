@@ -14,8 +14,11 @@ All entries are combined into one full-match regex, the form PEFT accepts for a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -98,7 +101,17 @@ def apply_adapter(model: nn.Module, cfg: AdapterSection) -> nn.Module:
     if cfg.type == "none":
         return model
     config = peft_config_for(cfg)
-    return _checked(get_peft_model(model, config), config)
+    with _peft_wrapping():
+        return _checked(get_peft_model(model, config), config)
+
+
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    for PEFT's maintainers on every user's terminal and every worker's log. Only that one is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _checked(model: PeftModel, config: LoraConfig) -> PeftModel:
@@ -140,9 +153,10 @@ def load_adapter(
         raise ValueError(f"no {CONFIG_FILE} in {str(path)!r}: pass the directory that save_pretrained wrote")
     config_cls = config_class_for(json.loads(file.read_text()), str(file))
     config = config_cls.from_pretrained(str(path))
-    loaded = PeftModel.from_pretrained(
-        model, str(path), adapter_name=adapter_name, is_trainable=is_trainable, config=config
-    )
+    with _peft_wrapping():
+        loaded = PeftModel.from_pretrained(
+            model, str(path), adapter_name=adapter_name, is_trainable=is_trainable, config=config
+        )
     return _checked(loaded, config)
 
 

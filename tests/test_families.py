@@ -279,3 +279,16 @@ def test_stage1_on_qwen_trains_vce_and_the_merger_only(sampler: str) -> None:
     assert sizes["projector"]["params"] == sum(p.numel() for p in projector_module(model).merger.parameters())
     assert sizes["vision_tower"]["params"] == sum(p.numel() for n, p in model.named_parameters()
                                                   if n.startswith("model.visual.") and ".merger." not in n)
+
+
+def test_the_inspector_names_the_family_and_where_vce_sits(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.inspect_model import main
+
+    config = Path(__file__).resolve().parents[1] / "pipelines/configs/qwen2.5-vl-7b.yaml"
+    sizes = main(["--config", str(config)])
+    first, header, *rows = capsys.readouterr().out.splitlines()
+    assert first == ("Qwen2.5-VL (qwen2_5_vl, model.arch qwen2.5-vl-7b); VCE in front of visual.merger (per image "
+                     "grid, window order undone): anchor layer -1, references [-9, -17, -25] of 32 vision layers, "
+                     "1280 wide")
+    assert header.split()[0] == "component" and [r.split()[0] for r in rows] == list(sizes)
+    assert sizes["vce"]["mib_fp16"] == pytest.approx(8.15, abs=0.01)

@@ -26,6 +26,7 @@ class Family(ABC):
     model_class: type[PreTrainedModel]
     config_class: type[PretrainedConfig]
     trains: bool  # whether the data path (processor, chat template, image tokens) is built for it yet
+    vce_site: str  # the module VCE sits in front of, as the inspector names it
 
     def vision_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return config.vision_config

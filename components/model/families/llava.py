@@ -103,11 +103,12 @@ class LlavaStyleFamily(Family):
         return model
 
 
-LLAVA = LlavaStyleFamily("llava", "LLaVA-1.5", LlavaForConditionalGeneration, LlavaConfig, trains=True)
+LLAVA = LlavaStyleFamily("llava", "LLaVA-1.5", LlavaForConditionalGeneration, LlavaConfig, trains=True,
+                         vce_site="multi_modal_projector")
 LLAVA_NEXT = LlavaStyleFamily("llava_next", "LLaVA-NeXT", LlavaNextForConditionalGeneration, LlavaNextConfig,
-                              trains=False)
+                              trains=False, vce_site="multi_modal_projector (per tile)")
 LLAVA_ONEVISION = LlavaStyleFamily("llava_onevision", "LLaVA-OneVision", LlavaOnevisionForConditionalGeneration,
-                                   LlavaOnevisionConfig, trains=False)
+                                   LlavaOnevisionConfig, trains=False, vce_site="multi_modal_projector (per tile)")
 
 
 def _vicuna_7b() -> LlamaConfig:

@@ -167,7 +167,7 @@ class Qwen25VLFamily(Family):
 
 
 QWEN2_5_VL = Qwen25VLFamily("qwen2_5_vl", "Qwen2.5-VL", Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig,
-                            trains=False)
+                            trains=False, vce_site="visual.merger (per image grid, window order undone)")
 
 
 def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:

@@ -292,3 +292,11 @@ def test_the_inspector_names_the_family_and_where_vce_sits(capsys: pytest.Captur
                      "1280 wide")
     assert header.split()[0] == "component" and [r.split()[0] for r in rows] == list(sizes)
     assert sizes["vce"]["mib_fp16"] == pytest.approx(8.15, abs=0.01)
+
+
+def test_a_checkpoint_folder_without_config_json_names_the_fix(tmp_path: Path) -> None:
+    from components.model.llava import local_checkpoint
+
+    with pytest.raises(ArtifactError, match=r"has no config.json: point it at a checkpoint directory of one of duet's "
+                                            r"model families"):
+        local_checkpoint(str(tmp_path))

@@ -40,8 +40,8 @@ def local_checkpoint(uri: str, storage_cfg: StorageSection | None = None) -> str
         path = storage.resolve(uri)[1]
         if not (Path(path) / "config.json").is_file():
             raise ArtifactError(
-                f"model.checkpoint {uri!r} has no config.json: point it at a LlavaForConditionalGeneration "
-                "checkpoint directory (save_pretrained layout)"
+                f"model.checkpoint {uri!r} has no config.json: point it at a checkpoint directory of one of "
+                "duet's model families (save_pretrained layout, e.g. a llava-hf LLaVA-1.5)"
             )
         checkpoint_family(uri, Path(path))
         return path

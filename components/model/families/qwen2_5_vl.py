@@ -94,7 +94,7 @@ class VCEMerger(nn.Module):
 def enhance_grids(vce: VisualCueEnhancer, anchors: list[Tensor], levels: list[list[Tensor]],
                   shapes: list[tuple[int, int]], include_anchor_level: bool) -> list[Tensor]:
     """VCE over per-image maps [t, H*W, d] of varying grids: one call per distinct (H, W)."""
-    out: list[Tensor | None] = [None] * len(anchors)
+    out: dict[int, Tensor] = {}
     for shape in dict.fromkeys(shapes):
         members = [i for i, s in enumerate(shapes) if s == shape]
         anchor = torch.cat([anchors[i] for i in members])
@@ -102,9 +102,8 @@ def enhance_grids(vce: VisualCueEnhancer, anchors: list[Tensor], levels: list[li
         if include_anchor_level:
             references = [anchor, *references]
         enhanced = vce(anchor, references, shape)
-        for i, part in zip(members, enhanced.split([anchors[i].shape[0] for i in members])):
-            out[i] = part
-    return [o for o in out if o is not None]
+        out.update(zip(members, enhanced.split([anchors[i].shape[0] for i in members])))
+    return [out[i] for i in range(len(anchors))]
 
 
 @dataclass(frozen=True)

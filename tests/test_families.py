@@ -302,3 +302,15 @@ def test_a_checkpoint_folder_without_config_json_names_the_fix(tmp_path: Path) -
     with pytest.raises(ArtifactError, match=r"has no config.json: point it at a checkpoint directory of one of duet's "
                                             r"model families"):
         local_checkpoint(str(tmp_path))
+
+
+def test_the_presets_family_and_depth_tables_agree_with_the_preset_configs() -> None:
+    """config.py names each preset's family and depth without importing the model code; they must not drift."""
+    from components.config import ARCH_FAMILIES, VISION_LAYERS_BY_ARCH
+    from components.model.sizes import PRESETS
+
+    assert set(PRESETS) == set(ARCH_FAMILIES) == set(VISION_LAYERS_BY_ARCH)
+    for arch, build in PRESETS.items():
+        config = build()
+        assert config.model_type == ARCH_FAMILIES[arch], arch
+        assert FAMILIES[config.model_type].vision_layers(config) == VISION_LAYERS_BY_ARCH[arch], arch
